@@ -1,0 +1,112 @@
+"""ONNX Runtime inference shared by the HTTP service and the WSI job (never imports torch).
+
+One :class:`Runtime` owns one InferenceSession on the best available execution provider
+(CUDA when onnxruntime-gpu sees a GPU, CPU otherwise) and turns uint8 RGB batches into
+per-class probabilities and embeddings, exactly as the model card describes them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from models.card import (
+    EMBEDDINGS_OUTPUT,
+    INPUT_NAME,
+    PROBABILITIES_OUTPUT,
+    ModelCard,
+    ModelDir,
+    ModelLoadError,
+    check_graph_signature,
+    load_model_dir,
+)
+
+log = logging.getLogger("histo_robust.runtime")
+
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
+
+
+def model_dir_from_env() -> Path:
+    """The model directory the service serves: ``$HISTO_MODEL_DIR`` or ``models/default``."""
+    return Path(os.environ.get("HISTO_MODEL_DIR") or DEFAULT_MODEL_DIR)
+
+
+def choose_providers(requested: str | None = None) -> list[str]:
+    """CUDA first when available (and not refused with ``cpu``), CPU always last as fallback."""
+    requested = (requested or os.environ.get("HISTO_DEVICE") or "auto").lower()
+    available = ort.get_available_providers()
+    if requested not in {"auto", "cpu", "cuda"}:
+        raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
+    if requested == "cuda" and "CUDAExecutionProvider" not in available:
+        raise RuntimeError(f"device 'cuda' requested but onnxruntime offers only {available}")
+    if requested != "cpu" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return ["CPUExecutionProvider"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """Outputs for a batch: probabilities ``[N, C]`` and embeddings ``[N, D]``."""
+
+    probabilities: np.ndarray
+    embeddings: np.ndarray
+
+
+class Runtime:
+    """A verified model directory plus its ONNX Runtime session."""
+
+    def __init__(
+        self,
+        model_dir: str | os.PathLike[str] | ModelDir | None = None,
+        *,
+        device: str | None = None,
+        variant: str | None = None,
+        intra_op_threads: int | None = None,
+    ) -> None:
+        self.model = model_dir if isinstance(model_dir, ModelDir) else load_model_dir(model_dir or model_dir_from_env())
+        self.card: ModelCard = self.model.card
+        path = self.model.variant_path(variant or os.environ.get("HISTO_MODEL_VARIANT"))
+        options = ort.SessionOptions()
+        threads = intra_op_threads if intra_op_threads is not None else int(os.environ.get("HISTO_THREADS", "0"))
+        options.intra_op_num_threads = threads
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.providers = choose_providers(device)
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+        except Exception as exc:  # onnxruntime raises several unrelated types for a bad graph
+            raise ModelLoadError(f"{path}: onnxruntime cannot load the graph ({exc})") from exc
+        self.providers = self.session.get_providers()
+        check_graph_signature(
+            self.card,
+            {i.name: list(i.shape) for i in self.session.get_inputs()},
+            {o.name: list(o.shape) for o in self.session.get_outputs()},
+            str(path),
+        )
+        self._outputs = [o.name for o in self.session.get_outputs() if o.name in (PROBABILITIES_OUTPUT, EMBEDDINGS_OUTPUT)]
+        log.info("model %s (%s) on %s", self.card.name, path.name, self.providers[0])
+
+    @property
+    def input_size(self) -> int:
+        return self.card.input_size
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.card.classes)
+
+    def predict(self, images: np.ndarray) -> Prediction:
+        """Run a uint8 ``[N, S, S, 3]`` batch (S = card input size); N may be anything ≥ 1."""
+        if images.dtype != np.uint8 or images.ndim != 4 or images.shape[1:] != (self.input_size, self.input_size, 3):
+            raise ValueError(
+                f"expected uint8 [N, {self.input_size}, {self.input_size}, 3], got {images.dtype} {images.shape}"
+            )
+        results = dict(zip(self._outputs, self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(images)})))
+        probabilities = results[PROBABILITIES_OUTPUT].astype(np.float32, copy=False)
+        embeddings = results.get(EMBEDDINGS_OUTPUT)
+        if embeddings is None:
+            embeddings = np.zeros((len(images), 0), np.float32)
+        return Prediction(probabilities, embeddings)
