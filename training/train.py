@@ -1,0 +1,288 @@
+"""Retrain the classifier on in-house patches with noisy labels.
+
+    python training/train.py --data PATCHES --out runs/mine [--test CLEAN_PATCHES]
+
+PATCHES is a folder with one sub-folder per class, or a CSV with ``path,label`` (and optional
+``slide``) columns, paths relative to the CSV. The run embeds every tile once with a frozen
+encoder (cached on disk), fits a noise-robust head, ranks suspected mislabels, and writes a
+servable model directory: ``OUT/model.onnx`` + ``OUT/card.json`` (serve it with
+``HISTO_MODEL_DIR=OUT bentoml serve``), plus ``report.json``, ``confusion.png``,
+``suspects.csv`` and ``suspects.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shlex
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # `python training/train.py` from a checkout
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import numpy as np
+import torch
+from PIL import Image
+
+from models.card import (
+    DataSummary,
+    EncoderInfo,
+    HeadInfo,
+    ModelCard,
+    Normalization,
+    Reproduce,
+    save_model_dir,
+    write_atomic,
+)
+from training.data import DEFAULT_SLIDE_REGEX, DataError, PatchSet, data_sha256, file_sha256, load_patches, slide_split
+from training.embed import embed_files, load_rgb_resized
+from training.encoders import EncoderError, build_encoder, spec_for
+from training.export import ExportError, export_model
+from training.heads import HEADS
+from training.metrics import auroc, classification_report, plot_confusion
+from training.noise import inject, parse_noise
+from training.robust import LOSSES, METHODS, TrainConfig, knn_votes, train_head
+from training.suspects import contact_sheet, suspect_scores, write_suspects
+
+log = logging.getLogger("histo_robust.train")
+
+KATHER_CREDIT = (
+    "Kather JN, Weis CA, Bianconi F, et al. Multi-class texture analysis in colorectal cancer histology. "
+    "Sci Rep 6, 27988 (2016). doi:10.5281/zenodo.53169. CC BY 4.0."
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = TrainConfig()
+    p = argparse.ArgumentParser(
+        prog="training/train.py",
+        description="Fit a noise-robust classifier on frozen encoder embeddings and export a servable model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", required=True, help="training patches: class-folder tree or CSV (path,label[,slide])")
+    p.add_argument("--out", required=True, help="output model directory (model.onnx, card.json, reports)")
+    p.add_argument("--test", help="clean held-out patches (folder or CSV) for test metrics; never noised")
+    p.add_argument("--holdout-slides", default="", metavar="ID,ID",
+                   help="slide ids to move from --data into a clean test set (labels as given, never noised)")
+    p.add_argument("--encoder", default="efficientnet_lite0_ms",
+                   help="registry name, timm model name, or a pretrain.py output folder")
+    p.add_argument("--weights", help="local weights file for the encoder (safetensors or torch checkpoint)")
+    p.add_argument("--head", choices=HEADS, default=defaults.head, help="classification head")
+    p.add_argument("--method", choices=METHODS, default=defaults.method, help="noise-robust method")
+    p.add_argument("--loss", choices=sorted(LOSSES), default=defaults.loss, help="training loss")
+    p.add_argument("--inject-noise", default=None, metavar="KIND:RATE",
+                   help="experiments only: flip training labels, e.g. uniform:0.4 or asym:0.4")
+    p.add_argument("--seed", type=int, default=0, help="seed for noise, split and training")
+    p.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum epochs (early stopping on noisy val)")
+    p.add_argument("--patience", type=int, default=defaults.patience, help="early-stopping patience in epochs")
+    p.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
+    p.add_argument("--knn-k", type=int, default=defaults.knn_k, help="neighbours for kNN cleaning and suspects")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="share of tiles (whole slides) held for noisy val")
+    p.add_argument("--mpp", type=float, default=0.5, help="micrometres per pixel of the training patches")
+    p.add_argument("--slide-regex", default=DEFAULT_SLIDE_REGEX, help="regex whose group 1 is the slide id in a name")
+    p.add_argument("--batch-size", type=int, default=64, help="batch size for embedding extraction")
+    p.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default ~/.cache/histo-robust)")
+    p.add_argument("--no-cache", action="store_true", help="recompute embeddings, do not read or write the cache")
+    p.add_argument("--variants", default="", help="extra ONNX variants, comma-separated: fp16,int8")
+    p.add_argument("--name", default=None, help="model name in the card (default: OUT folder name)")
+    p.add_argument("--no-export", action="store_true", help="skip the ONNX export (reports only)")
+    return p
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = Path(args.out)
+
+    # ---- every check that can fail fast runs before the encoder touches a tile
+    try:
+        noise = parse_noise(args.inject_noise)
+    except ValueError as exc:
+        _fail(f"--inject-noise: {exc}")
+    variants = tuple(v for v in args.variants.split(",") if v)
+    if bad := [v for v in variants if v not in ("fp16", "int8")]:
+        _fail(f"--variants: unknown {bad}; choose from fp16, int8")
+    try:
+        spec_for(args.encoder)
+        patches = load_patches(args.data, slide_regex=args.slide_regex)
+        test = load_patches(args.test, slide_regex=args.slide_regex) if args.test else None
+    except (DataError, EncoderError) as exc:
+        _fail(str(exc))
+    if args.holdout_slides:
+        if test is not None:
+            _fail("use either --test or --holdout-slides, not both")
+        wanted = {s.strip() for s in args.holdout_slides.split(",") if s.strip()}
+        if missing := sorted(wanted - set(patches.slides)):
+            _fail(f"--holdout-slides: no tiles of {missing} in {args.data} (slide ids found: {sorted(set(patches.slides))})")
+        held = np.array([s in wanted for s in patches.slides])
+        test = patches.subset(np.flatnonzero(held))
+        test.source = f"{args.data} slides {','.join(sorted(wanted))}"
+        patches = patches.subset(np.flatnonzero(~held))
+    classes = patches.classes
+    if len(classes) < 2:
+        _fail(f"{args.data}: need at least 2 classes, found {classes}")
+    if test is not None and (unknown := sorted(set(test.classes) - set(classes))):
+        _fail(f"{args.test}: labels {unknown} do not occur in the training data {args.data} ({classes})")
+    try:
+        encoder = build_encoder(args.encoder, args.weights)
+    except EncoderError as exc:
+        _fail(str(exc))
+    for path, reason in patches.skipped + (test.skipped if test else []):
+        print(f"warning: skipped unreadable image {path}: {reason}", file=sys.stderr)
+    timings["load"] = time.perf_counter() - started
+
+    # ---- embeddings (cached)
+    t = time.perf_counter()
+    hashes = [file_sha256(p) for p in patches.paths]
+    emb_kwargs = dict(batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache)
+    x_all, n_computed = embed_files(encoder, patches.paths, hashes, **emb_kwargs)
+    test_hashes = [file_sha256(p) for p in test.paths] if test else []
+    x_test, n_test_computed = embed_files(encoder, test.paths, test_hashes, **emb_kwargs) if test else (None, 0)
+    timings["embed"] = time.perf_counter() - t
+
+    # ---- labels, noise, slide-aware split
+    y_given = np.array([classes.index(label) for label in patches.labels])
+    y_noisy = inject(y_given, args.inject_noise, len(classes), args.seed)
+    train_idx, val_idx = slide_split(patches.slides, y_noisy, args.val_fraction, args.seed)
+    config = TrainConfig(
+        head=args.head, method=args.method, loss=args.loss, epochs=args.epochs, patience=args.patience,
+        lr=args.lr, knn_k=args.knn_k, seed=args.seed,
+    )
+    t = time.perf_counter()
+    result = train_head(x_all[train_idx], y_noisy[train_idx], x_all[val_idx], y_noisy[val_idx], len(classes), config)
+    timings["train_head"] = time.perf_counter() - t
+    head = result.model
+
+    with torch.no_grad():
+        probs_all = torch.softmax(head(torch.from_numpy(x_all)), dim=1).numpy()
+    report: dict = {
+        "classes": classes,
+        "encoder": encoder.spec.name,
+        "config": {**vars(config), "inject_noise": args.inject_noise},
+        "data": {
+            "source": str(patches.source), "n": len(patches), "n_train": len(train_idx), "n_val": len(val_idx),
+            "val_slides": sorted({patches.slides[i] for i in val_idx}), "skipped": patches.skipped,
+            "embeddings_computed": n_computed + n_test_computed,
+        },
+        "best_epoch": result.best_epoch,
+        "estimated_noise_rate": result.estimated_noise,
+        "val": classification_report(y_noisy[val_idx], probs_all[val_idx].argmax(1), classes),
+    }
+    report["val"]["note"] = "against the (noisy) labels as given: the only labels in-house data has"
+    if noise is not None:
+        report["injected_noise"] = {
+            "spec": args.inject_noise,
+            "flipped_fraction": float((y_noisy != y_given).mean()),
+            "val_accuracy_vs_original_labels": float((probs_all[val_idx].argmax(1) == y_given[val_idx]).mean()),
+        }
+
+    # ---- suspected mislabels over every labelled tile
+    votes = knn_votes(x_all, y_noisy, len(classes), args.knn_k)
+    rows = np.arange(len(y_noisy))
+    scores = suspect_scores(votes[rows, y_noisy], probs_all[rows, y_noisy])
+    suggested = probs_all.argmax(1)
+    out.mkdir(parents=True, exist_ok=True)
+    data_root = Path(args.data).resolve()
+    data_root = data_root if data_root.is_dir() else data_root.parent
+    order = write_suspects(out / "suspects.csv", [p.resolve() for p in patches.paths], y_noisy, suggested, scores,
+                           classes, root=data_root)
+    contact_sheet(out / "suspects.png", patches.paths, y_noisy, suggested, scores, classes, order)
+    report["suspects"] = {"n_flagged": int((suggested != y_noisy).sum()), "file": "suspects.csv"}
+    if noise is not None:
+        flipped = y_noisy != y_given
+        top = order[: int(flipped.sum())]
+        report["suspects"]["auroc_vs_injected_flips"] = auroc(scores, flipped)
+        report["suspects"]["precision_at_n_flipped"] = float(flipped[top].mean()) if len(top) else None
+
+    # ---- clean test metrics
+    if test is not None:
+        with torch.no_grad():
+            test_pred = head(torch.from_numpy(x_test)).argmax(1).numpy()
+        y_test = np.array([classes.index(label) for label in test.labels])
+        report["test"] = classification_report(y_test, test_pred, classes)
+        report["test"]["source"] = str(test.source)
+        plot_confusion(out / "confusion_test.png", report["test"]["confusion"], classes,
+                       f"clean test: accuracy {report['test']['accuracy']:.3f} (n={len(y_test)})")
+    plot_confusion(out / "confusion.png", report["val"]["confusion"], classes,
+                   f"noisy validation: accuracy {report['val']['accuracy']:.3f} (n={len(val_idx)})")
+
+    # ---- one ONNX graph + card: OUT is directly servable
+    if not args.no_export:
+        t = time.perf_counter()
+        report["model"] = _export(args, encoder, head, patches, hashes, classes, train_idx, val_idx, y_noisy, report)
+        timings["export"] = time.perf_counter() - t
+    timings["total"] = time.perf_counter() - started
+    report["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
+    write_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
+    summary = f"noisy-val accuracy {report['val']['accuracy']:.3f}"
+    if test is not None:
+        summary += f", clean test accuracy {report['test']['accuracy']:.3f}"
+    print(f"done in {timings['total']:.1f}s: {summary}; wrote {out}/")
+    return report
+
+
+def _export(args, encoder, head, patches: PatchSet, hashes, classes, train_idx, val_idx, y_noisy, report) -> dict:
+    rng = np.random.default_rng(args.seed)
+    pick = rng.choice(val_idx if len(val_idx) else train_idx, size=min(64, len(val_idx) or len(train_idx)),
+                      replace=False)
+    size = encoder.spec.input_size
+    parity_images = np.stack([load_rgb_resized(patches.paths[i], size) for i in pick])
+    val_images = val_labels = None
+    if args.variants and len(val_idx):
+        val_images = np.stack([load_rgb_resized(patches.paths[i], size) for i in val_idx])
+        val_labels = y_noisy[val_idx]
+    try:
+        parity, variants = export_model(
+            encoder, head, Path(args.out), parity_images, variants=tuple(v for v in args.variants.split(",") if v),
+            val_images=val_images, val_labels=val_labels,
+        )
+    except ExportError as exc:
+        _fail(str(exc))
+    with Image.open(patches.paths[0]) as first:
+        patch_px = max(first.size)
+    metrics = {"noisy_val": {k: report["val"][k] for k in ("accuracy", "balanced_accuracy")}}
+    if "test" in report:
+        metrics["test"] = {k: report["test"][k] for k in ("accuracy", "balanced_accuracy", "n")}
+    is_kather = "kather" in str(patches.source).lower()
+    card = ModelCard(
+        name=args.name or Path(args.out).resolve().name,
+        description=f"{encoder.spec.description} + {args.head} head trained with {args.method}+{args.loss}",
+        classes=classes,
+        input_size=size,
+        patch_size_pixels=patch_px,
+        mpp=args.mpp,
+        normalization=Normalization(mean=encoder.spec.mean, std=encoder.spec.std),
+        encoder=EncoderInfo(id=encoder.spec.name, weights_sha256=encoder.weights_sha256,
+                            embedding_dim=encoder.embedding_dim, pretraining=encoder.spec.pretraining),
+        head=HeadInfo(kind=args.head, method=f"{args.method}+{args.loss}",
+                      hyperparameters={"epochs_max": args.epochs, "best_epoch": report["best_epoch"], "lr": args.lr,
+                                       "knn_k": args.knn_k, "patience": args.patience}),
+        data=DataSummary(
+            source=str(patches.source), n_train=len(train_idx), n_val=len(val_idx),
+            class_counts={c: int((y_noisy == i).sum()) for i, c in enumerate(classes)},
+            injected_noise=args.inject_noise, data_sha256=data_sha256(patches, hashes),
+            licence="CC BY 4.0" if is_kather else None,
+        ),
+        metrics=metrics,
+        parity=parity,
+        variants=variants,
+        reproduce=Reproduce(command="python training/train.py " + shlex.join(sys.argv[1:]), seed=args.seed),
+        credits=[KATHER_CREDIT] if is_kather else [],
+    )
+    card = save_model_dir(args.out, card)
+    return {"onnx_sha256": card.onnx_sha256, "parity_max_abs_diff": parity.max_abs_diff,
+            "variants": {k: v.model_dump() for k, v in variants.items()}}
+
+
+if __name__ == "__main__":
+    main()
