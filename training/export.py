@@ -26,8 +26,31 @@ log = logging.getLogger("histo_robust.export")
 PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.95}  # int8: minimum top-1 agreement
 
 
+HEAD_FILE = "head.safetensors"
+
+
 class ExportError(RuntimeError):
     pass
+
+
+def save_head(head: nn.Module, path: Path) -> None:
+    """The torch head beside the graph: lets anyone re-export or re-check parity without retraining."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(path))
+
+
+def load_head(path: Path, kind: str, n_classes: int) -> nn.Module:
+    from safetensors.torch import load_file
+
+    from training.heads import make_head
+
+    state = load_file(str(path))
+    dim = state["0.mean"].shape[0]
+    head = make_head(kind, dim, n_classes, torch.zeros(dim), torch.ones(dim))
+    head.load_state_dict(state)
+    return head.eval()
 
 
 class ServingGraph(nn.Module):
@@ -155,6 +178,7 @@ def export_model(
     """Write ``out_dir/model.onnx`` (+ variants); raise :class:`ExportError` if fp32 parity fails."""
     graph = ServingGraph(encoder, head, temperature).eval()
     path = out_dir / "model.onnx"
+    save_head(head, out_dir / HEAD_FILE)
     export_onnx(graph, path, encoder.spec.input_size)
     reference = torch_predict(graph, parity_images)
     parity = parity_check(reference, path, parity_images)
