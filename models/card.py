@@ -10,7 +10,8 @@ The ONNX graph contract (fixed for schema version 1):
 * input ``images``: uint8 ``[N, input_size, input_size, 3]`` RGB, dynamic ``N``; casting,
   scaling and normalisation happen inside the graph;
 * output ``probabilities``: float32 ``[N, len(classes)]`` (calibrated when the card says so);
-* output ``embeddings``: float32 ``[N, embedding_dim]`` (for out-of-distribution scoring).
+* output ``embeddings``: float32 ``[N, embedding_dim]``;
+* optional output ``ood_score``: float32 ``[N]``, present when the card has an ``ood`` section.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -32,6 +33,7 @@ WSINFER_CONFIG_FILE = "config.json"
 INPUT_NAME = "images"
 PROBABILITIES_OUTPUT = "probabilities"
 EMBEDDINGS_OUTPUT = "embeddings"
+OOD_OUTPUT = "ood_score"
 
 
 class ModelLoadError(RuntimeError):
@@ -103,6 +105,26 @@ class Calibration(_Strict):
     method: str
     ece_before: float | None = None
     ece_after: float | None = None
+    ece_split: str | None = Field(None, description="Labels the ECE figures were measured against.")
+
+
+class Abstention(_Strict):
+    """Predictions whose top probability is under ``threshold`` are marked ``abstained``."""
+
+    threshold: float
+    target_selective_accuracy: float
+    selective_accuracy: float | None = None
+    coverage: float | None = None
+    measured_on: str | None = None
+
+
+class OodScorer(_Strict):
+    """How the graph's ``ood_score`` output was built and where a tile counts as out of distribution."""
+
+    method: str
+    threshold: float
+    quantile: float = Field(description="Share of in-distribution validation tiles under the threshold.")
+    output: str = OOD_OUTPUT
 
 
 class Reproduce(_Strict):
@@ -127,10 +149,10 @@ class ModelCard(_Strict):
     parity: ParityResult | None = None
     variants: dict[str, Variant] = Field(default_factory=dict)
     calibration: Calibration | None = None
-    abstain_threshold: float | None = Field(None, description="Confidence under which a prediction abstains.")
-    ood: dict[str, Any] | None = Field(None, description="Out-of-distribution scorer data, when trained with it.")
+    abstention: Abstention | None = None
+    ood: OodScorer | None = None
     recommended_batch_size: int = 32
-    created: datetime = Field(default_factory=lambda: datetime.now(timezone.utc))
+    created: datetime = Field(default_factory=lambda: datetime.now(UTC))
     onnx_file: str = ONNX_FILE
     onnx_sha256: str = ""
     reproduce: Reproduce | None = None
@@ -291,6 +313,8 @@ def check_graph_signature(
         )
     if PROBABILITIES_OUTPUT not in outputs:
         raise ModelLoadError(f"{where}: graph has no output {PROBABILITIES_OUTPUT!r} (outputs: {sorted(outputs)})")
+    if card.ood is not None and card.ood.output not in outputs:
+        raise ModelLoadError(f"{where}: card has an ood section but the graph has no output {card.ood.output!r}")
     n_out = outputs[PROBABILITIES_OUTPUT][-1]
     if n_out != len(card.classes):
         raise ModelLoadError(

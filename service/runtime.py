@@ -18,6 +18,7 @@ import onnxruntime as ort
 from models.card import (
     EMBEDDINGS_OUTPUT,
     INPUT_NAME,
+    OOD_OUTPUT,
     PROBABILITIES_OUTPUT,
     ModelCard,
     ModelDir,
@@ -51,10 +52,30 @@ def choose_providers(requested: str | None = None) -> list[str]:
 
 @dataclass(frozen=True)
 class Prediction:
-    """Outputs for a batch: probabilities ``[N, C]`` and embeddings ``[N, D]``."""
+    """Outputs for a batch: probabilities ``[N, C]``, embeddings ``[N, D]`` and, for models that
+    carry an OOD scorer, ``ood_scores`` ``[N]`` (None for older artifacts)."""
 
     probabilities: np.ndarray
     embeddings: np.ndarray
+    ood_scores: np.ndarray | None = None
+
+    @property
+    def label_index(self) -> np.ndarray:
+        return self.probabilities.argmax(1)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probabilities.max(1)
+
+
+def _env_float(name: str) -> float | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"{name} must be a number, got {value!r}") from None
 
 
 class Runtime:
@@ -87,7 +108,21 @@ class Runtime:
             {o.name: list(o.shape) for o in self.session.get_outputs()},
             str(path),
         )
-        self._outputs = [o.name for o in self.session.get_outputs() if o.name in (PROBABILITIES_OUTPUT, EMBEDDINGS_OUTPUT)]
+        wanted = (PROBABILITIES_OUTPUT, EMBEDDINGS_OUTPUT, OOD_OUTPUT)
+        self._outputs = [o.name for o in self.session.get_outputs() if o.name in wanted]
+        # Thresholds from the card, overridable at serving time without touching the model.
+        card_abstain = self.card.abstention.threshold if self.card.abstention else None
+        self.abstain_threshold: float | None = _env_float("HISTO_ABSTAIN_THRESHOLD")
+        if self.abstain_threshold is None:
+            self.abstain_threshold = card_abstain
+        self.ood_threshold: float | None = _env_float("HISTO_OOD_THRESHOLD")
+        if self.ood_threshold is None and self.card.ood is not None:
+            self.ood_threshold = self.card.ood.threshold
+        if self.card.calibration is None or self.card.ood is None or OOD_OUTPUT not in self._outputs:
+            log.warning(
+                "model %s has no calibration/OOD data (older artifact): abstained/ood fields will be null",
+                self.card.name,
+            )
         log.info("model %s (%s) on %s", self.card.name, path.name, self.providers[0])
 
     @property
@@ -109,4 +144,17 @@ class Runtime:
         embeddings = results.get(EMBEDDINGS_OUTPUT)
         if embeddings is None:
             embeddings = np.zeros((len(images), 0), np.float32)
-        return Prediction(probabilities, embeddings)
+        ood = results.get(OOD_OUTPUT)
+        return Prediction(probabilities, embeddings, None if ood is None else ood.reshape(-1).astype(np.float32))
+
+    def abstained(self, prediction: Prediction) -> np.ndarray | None:
+        """True where the top probability is under the abstention threshold (None: model has none)."""
+        if self.abstain_threshold is None:
+            return None
+        return prediction.confidence < self.abstain_threshold
+
+    def out_of_distribution(self, prediction: Prediction) -> np.ndarray | None:
+        """True where the OOD score exceeds the threshold (None: model has no OOD scorer)."""
+        if self.ood_threshold is None or prediction.ood_scores is None:
+            return None
+        return prediction.ood_scores > self.ood_threshold

@@ -17,7 +17,15 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from models.card import EMBEDDINGS_OUTPUT, INPUT_NAME, PROBABILITIES_OUTPUT, ParityResult, Variant, sha256_file
+from models.card import (
+    EMBEDDINGS_OUTPUT,
+    INPUT_NAME,
+    OOD_OUTPUT,
+    PROBABILITIES_OUTPUT,
+    ParityResult,
+    Variant,
+    sha256_file,
+)
 from training.embed import Normalize
 from training.encoders import FrozenEncoder
 
@@ -39,6 +47,7 @@ def save_head(head: nn.Module, path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in head.state_dict().items()}, str(path))
+    path.chmod(0o644)
 
 
 def load_head(path: Path, kind: str, n_classes: int) -> nn.Module:
@@ -54,19 +63,24 @@ def load_head(path: Path, kind: str, n_classes: int) -> nn.Module:
 
 
 class ServingGraph(nn.Module):
-    """uint8 NHWC → (probabilities, embeddings): exactly what ``model.onnx`` computes."""
+    """uint8 NHWC → (probabilities, embeddings[, ood_score]): exactly what ``model.onnx`` computes."""
 
-    def __init__(self, encoder: FrozenEncoder, head: nn.Module, temperature: float = 1.0) -> None:
+    def __init__(
+        self, encoder: FrozenEncoder, head: nn.Module, temperature: float = 1.0, ood: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.normalize = Normalize(encoder.spec.mean, encoder.spec.std)
         self.encoder = encoder.features
         self.head = head
+        self.ood = ood
         self.register_buffer("inv_temperature", torch.tensor(1.0 / temperature))
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, ...]:
         embeddings = self.encoder(self.normalize(images))
-        logits = self.head(embeddings)
-        return torch.softmax(logits * self.inv_temperature, dim=1), embeddings
+        probabilities = torch.softmax(self.head(embeddings) * self.inv_temperature, dim=1)
+        if self.ood is None:
+            return probabilities, embeddings
+        return probabilities, embeddings, self.ood(embeddings)
 
 
 def export_onnx(graph: ServingGraph, path: Path, input_size: int, opset: int = 18) -> None:
@@ -81,7 +95,7 @@ def export_onnx(graph: ServingGraph, path: Path, input_size: int, opset: int = 1
             graph,
             (example,),
             input_names=[INPUT_NAME],
-            output_names=[PROBABILITIES_OUTPUT, EMBEDDINGS_OUTPUT],
+            output_names=[PROBABILITIES_OUTPUT, EMBEDDINGS_OUTPUT] + ([OOD_OUTPUT] if graph.ood is not None else []),
             dynamic_shapes={"images": {0: batch}},
             opset_version=opset,
             dynamo=True,
@@ -171,12 +185,13 @@ def export_model(
     parity_images: np.ndarray,
     *,
     temperature: float = 1.0,
+    ood: nn.Module | None = None,
     variants: tuple[str, ...] = (),
     val_images: np.ndarray | None = None,
     val_labels: np.ndarray | None = None,
 ) -> tuple[ParityResult, dict[str, Variant]]:
     """Write ``out_dir/model.onnx`` (+ variants); raise :class:`ExportError` if fp32 parity fails."""
-    graph = ServingGraph(encoder, head, temperature).eval()
+    graph = ServingGraph(encoder, head, temperature, ood).eval()
     path = out_dir / "model.onnx"
     save_head(head, out_dir / HEAD_FILE)
     export_onnx(graph, path, encoder.spec.input_size)

@@ -126,8 +126,13 @@ def train_head(
     y_val: np.ndarray,
     n_classes: int,
     config: TrainConfig,
+    monitor: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> TrainResult:
-    """Fit a head with the configured method and loss; early-stop on noisy validation accuracy."""
+    """Fit a head with the configured method and loss; early-stop on noisy validation accuracy.
+
+    ``monitor`` (benchmarks only) adds per-epoch accuracies on other labelled sets to the
+    history, e.g. a clean validation set, to measure what selecting on noisy labels costs.
+    """
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
     if config.loss not in LOSSES:
@@ -179,7 +184,10 @@ def train_head(
         for h in heads:
             h.eval()
         val_acc = _accuracy(heads[0], xv, yv) if len(xv) else float("nan")
-        history.append({"epoch": epoch, "noisy_val_accuracy": val_acc})
+        entry = {"epoch": epoch, "noisy_val_accuracy": val_acc}
+        for name, (mx, my) in (monitor or {}).items():
+            entry[name] = _accuracy(heads[0], torch.from_numpy(mx).float(), torch.from_numpy(my).long())
+        history.append(entry)
         if len(xv) == 0 or val_acc > best_acc:
             best_acc, best_epoch, best_state, stale = val_acc, epoch, copy.deepcopy(heads[0].state_dict()), 0
         else:

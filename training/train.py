@@ -28,14 +28,25 @@ import torch
 from PIL import Image
 
 from models.card import (
+    Abstention,
+    Calibration,
     DataSummary,
     EncoderInfo,
     HeadInfo,
     ModelCard,
     Normalization,
+    OodScorer,
     Reproduce,
     save_model_dir,
     write_atomic,
+)
+from training.calibration import (
+    estimate_transition,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_diagram,
+    selective_threshold,
+    softmax,
 )
 from training.data import DEFAULT_SLIDE_REGEX, DataError, PatchSet, data_sha256, file_sha256, load_patches, slide_split
 from training.embed import embed_files, load_rgb_resized
@@ -44,10 +55,13 @@ from training.export import ExportError, export_model
 from training.heads import HEADS
 from training.metrics import auroc, classification_report, plot_confusion
 from training.noise import inject, parse_noise
+from training.ood import MahalanobisScore
 from training.robust import LOSSES, METHODS, TrainConfig, knn_votes, train_head
 from training.suspects import contact_sheet, suspect_scores, write_suspects
 
 log = logging.getLogger("histo_robust.train")
+
+OOD_QUANTILE = 0.99
 
 KATHER_CREDIT = (
     "Kather JN, Weis CA, Bianconi F, et al. Multi-class texture analysis in colorectal cancer histology. "
@@ -87,6 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default ~/.cache/histo-robust)")
     p.add_argument("--no-cache", action="store_true", help="recompute embeddings, do not read or write the cache")
     p.add_argument("--variants", default="", help="extra ONNX variants, comma-separated: fp16,int8")
+    p.add_argument("--target-selective-accuracy", type=float, default=0.90,
+                   help="abstain below the confidence at which kept predictions reach this accuracy")
     p.add_argument("--name", default=None, help="model name in the card (default: OUT folder name)")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export (reports only)")
     return p
@@ -150,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict:
     x_test, n_test_computed = embed_files(encoder, test.paths, test_hashes, **emb_kwargs) if test else (None, 0)
     timings["embed"] = time.perf_counter() - t
 
+    out.mkdir(parents=True, exist_ok=True)
+
     # ---- labels, noise, slide-aware split
     y_given = np.array([classes.index(label) for label in patches.labels])
     y_noisy = inject(y_given, args.inject_noise, len(classes), args.seed)
@@ -163,8 +181,11 @@ def main(argv: list[str] | None = None) -> dict:
     timings["train_head"] = time.perf_counter() - t
     head = result.model
 
-    with torch.no_grad():
-        probs_all = torch.softmax(head(torch.from_numpy(x_all)), dim=1).numpy()
+    # ---- noise-aware calibration, abstention threshold and OOD scorer: noisy labels only
+    votes = knn_votes(x_all, y_noisy, len(classes), args.knn_k)
+    confidence = _fit_confidence(args, head, x_all, x_test, test, classes, votes, y_noisy, train_idx, val_idx,
+                                 result.train_labels, out)
+    probs_all = confidence.pop("probs_all")
     report: dict = {
         "classes": classes,
         "encoder": encoder.spec.name,
@@ -177,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         "best_epoch": result.best_epoch,
         "estimated_noise_rate": result.estimated_noise,
         "val": classification_report(y_noisy[val_idx], probs_all[val_idx].argmax(1), classes),
+        "confidence": {k: v for k, v in confidence.items() if k not in ("ood", "temperature_module")},
     }
     report["val"]["note"] = "against the (noisy) labels as given: the only labels in-house data has"
     if noise is not None:
@@ -187,11 +209,9 @@ def main(argv: list[str] | None = None) -> dict:
         }
 
     # ---- suspected mislabels over every labelled tile
-    votes = knn_votes(x_all, y_noisy, len(classes), args.knn_k)
     rows = np.arange(len(y_noisy))
     scores = suspect_scores(votes[rows, y_noisy], probs_all[rows, y_noisy])
     suggested = probs_all.argmax(1)
-    out.mkdir(parents=True, exist_ok=True)
     data_root = Path(args.data).resolve()
     data_root = data_root if data_root.is_dir() else data_root.parent
     order = write_suspects(out / "suspects.csv", [p.resolve() for p in patches.paths], y_noisy, suggested, scores,
@@ -219,7 +239,8 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- one ONNX graph + card: OUT is directly servable
     if not args.no_export:
         t = time.perf_counter()
-        report["model"] = _export(args, encoder, head, patches, hashes, classes, train_idx, val_idx, y_noisy, report)
+        report["model"] = _export(args, encoder, head, patches, hashes, classes, train_idx, val_idx, y_noisy, report,
+                                  confidence)
         timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     report["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
@@ -231,7 +252,62 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def _export(args, encoder, head, patches: PatchSet, hashes, classes, train_idx, val_idx, y_noisy, report) -> dict:
+def _fit_confidence(args, head, x_all, x_test, test, classes, votes, y_noisy, train_idx, val_idx, train_labels,
+                    out: Path) -> dict:
+    """Temperature (noise-aware), abstention threshold and OOD scorer, fitted without clean labels.
+
+    The kNN-cleaned labels stand in for the truth where a proxy is needed (transition estimate,
+    ECE and selective accuracy on validation); clean ``--test`` labels, when given, only measure.
+    """
+    n = len(classes)
+    with torch.no_grad():
+        logits = head(torch.from_numpy(x_all)).numpy()
+        test_logits = head(torch.from_numpy(x_test)).numpy() if x_test is not None else None
+    cleaned = votes.argmax(1)
+    transition = estimate_transition(cleaned[train_idx], y_noisy[train_idx], n)
+    temperature = fit_temperature(logits[val_idx], y_noisy[val_idx], transition)
+    naive_temperature = fit_temperature(logits[val_idx], y_noisy[val_idx])
+    probs_all = softmax(logits, temperature)
+    raw_val, cal_val = softmax(logits[val_idx]), probs_all[val_idx]
+    info: dict = {
+        "temperature": temperature,
+        "naive_temperature_on_noisy_labels": naive_temperature,
+        "transition_estimate": np.round(transition, 3).tolist(),
+        "ece_val_vs_cleaned": {"before": expected_calibration_error(raw_val, cleaned[val_idx]),
+                               "after": expected_calibration_error(cal_val, cleaned[val_idx])},
+    }
+    curves = {"validation, uncalibrated (vs kNN-cleaned labels)": (raw_val, cleaned[val_idx]),
+              "validation, calibrated (vs kNN-cleaned labels)": (cal_val, cleaned[val_idx])}
+    threshold, sel_acc, coverage = selective_threshold(cal_val, cleaned[val_idx], args.target_selective_accuracy)
+    info["abstention"] = {"threshold": threshold, "target_selective_accuracy": args.target_selective_accuracy,
+                          "selective_accuracy": sel_acc, "coverage": coverage,
+                          "measured_on": "validation split vs kNN-cleaned labels"}
+    if test_logits is not None:
+        y_test = np.array([classes.index(label) for label in test.labels])
+        raw_t, cal_t = softmax(test_logits), softmax(test_logits, temperature)
+        naive_t = softmax(test_logits, naive_temperature)
+        kept = cal_t.max(1) >= threshold
+        info["test"] = {
+            "ece_uncalibrated": expected_calibration_error(raw_t, y_test),
+            "ece_calibrated": expected_calibration_error(cal_t, y_test),
+            "ece_naive_temperature": expected_calibration_error(naive_t, y_test),
+            "selective_accuracy": float((cal_t.argmax(1) == y_test)[kept].mean()) if kept.any() else None,
+            "coverage": float(kept.mean()),
+        }
+        curves["clean test, uncalibrated"] = (raw_t, y_test)
+        curves["clean test, calibrated"] = (cal_t, y_test)
+    reliability_diagram(out / "reliability.png", curves)
+    scorer = MahalanobisScore(x_all[train_idx], train_labels, n, k=128)
+    val_scores = scorer.score(x_all[val_idx]) if len(val_idx) else scorer.score(x_all[train_idx])
+    info["ood"] = {"method": "mahalanobis-pca128+residual (embedding)", "quantile": OOD_QUANTILE,
+                   "threshold": float(np.quantile(val_scores, OOD_QUANTILE))}
+    info["temperature_module"] = scorer
+    info["probs_all"] = probs_all
+    return info
+
+
+def _export(args, encoder, head, patches: PatchSet, hashes, classes, train_idx, val_idx, y_noisy, report,
+            confidence: dict) -> dict:
     rng = np.random.default_rng(args.seed)
     pick = rng.choice(val_idx if len(val_idx) else train_idx, size=min(64, len(val_idx) or len(train_idx)),
                       replace=False)
@@ -243,7 +319,8 @@ def _export(args, encoder, head, patches: PatchSet, hashes, classes, train_idx, 
         val_labels = y_noisy[val_idx]
     try:
         parity, variants = export_model(
-            encoder, head, Path(args.out), parity_images, variants=tuple(v for v in args.variants.split(",") if v),
+            encoder, head, Path(args.out), parity_images, temperature=confidence["temperature"],
+            ood=confidence["temperature_module"], variants=tuple(v for v in args.variants.split(",") if v),
             val_images=val_images, val_labels=val_labels,
         )
     except ExportError as exc:
@@ -275,6 +352,13 @@ def _export(args, encoder, head, patches: PatchSet, hashes, classes, train_idx, 
         ),
         metrics=metrics,
         parity=parity,
+        calibration=Calibration(
+            temperature=confidence["temperature"], method="noise-aware temperature scaling (kNN transition estimate)",
+            ece_before=confidence["ece_val_vs_cleaned"]["before"], ece_after=confidence["ece_val_vs_cleaned"]["after"],
+            ece_split="validation split vs kNN-cleaned labels",
+        ),
+        abstention=Abstention(**confidence["abstention"]),
+        ood=OodScorer(**confidence["ood"]),
         variants=variants,
         reproduce=Reproduce(command="python training/train.py " + shlex.join(sys.argv[1:]), seed=args.seed),
         credits=[KATHER_CREDIT] if is_kather else [],
