@@ -112,5 +112,6 @@ def test_default_model_serves_without_torch_and_matches_torch(tmp_path):
     head = load_head(DEFAULT / HEAD_FILE, card.head.kind, len(card.classes))
     pixels = torch.from_numpy(np.stack([load_rgb_resized(p, 224) for p in tiles]))
     with torch.no_grad():
-        torch_probs = torch.softmax(head(encoder(Normalize(encoder.spec.mean, encoder.spec.std)(pixels))), 1).numpy()
+        logits = head(encoder(Normalize(encoder.spec.mean, encoder.spec.std)(pixels)))
+        torch_probs = torch.softmax(logits / card.calibration.temperature, 1).numpy()
     assert np.abs(onnx_probs - torch_probs).max() <= card.parity.tolerance

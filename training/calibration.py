@@ -2,10 +2,15 @@
 
 Calibrating on noisy validation labels the naive way teaches the model the noise as uncertainty:
 with 40 % of labels wrong, temperature scaling flattens every prediction until it is "right" 60 %
-of the time. Instead we estimate the label-noise transition ``T[i, j] = P(given j | true i)``
-from the data (confident-learning style counts of kNN-cleaned vs given labels) and fit the
-temperature so that the *noise-adjusted* probabilities ``softmax(z / t) @ T`` match the given
-labels. The served probabilities are ``softmax(z / t)``: calibrated for the true classes.
+of the time. Two noise-aware fits are provided:
+
+* against labels cleaned by a vote of nearest neighbours in embedding space (the default of
+  ``training/train.py``: steadier on small validation sets);
+* against the given labels through an estimated label-noise transition
+  ``T[i, j] = P(given j | true i)`` (confident-learning style counts of cleaned vs given labels):
+  ``softmax(z / t) @ T`` must match the given labels (reported for comparison).
+
+The served probabilities are ``softmax(z / t)``: meant for the true classes.
 """
 
 from __future__ import annotations

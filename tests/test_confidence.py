@@ -1,0 +1,111 @@
+"""Noise-aware calibration, abstention and OOD flags (issue: confidences people can trust)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from service.runtime import Runtime
+from training.calibration import (
+    estimate_transition,
+    expected_calibration_error,
+    fit_temperature,
+    selective_threshold,
+    softmax,
+)
+from training.noise import uniform_noise
+from training.ood import MahalanobisScore
+from training.robust import TrainConfig, knn_clean, train_head
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+
+
+def test_noise_aware_calibration_lowers_ece_on_held_out_slide():
+    data = np.load(FIXTURES / "kather_embeddings.npz")
+    x, y, slides = data["embeddings"].astype(np.float32), data["labels"], data["slides"]
+    test, val = slides == "CRC-Prim-HE-07", slides == "CRC-Prim-HE-05"
+    train = ~test & ~val
+    noisy = y.copy()
+    noisy[~test] = uniform_noise(y[~test], 0.4, 8, seed=0)
+    result = train_head(x[train], noisy[train], x[val], noisy[val], 8, TrainConfig(knn_k=15, seed=0))
+    with torch.no_grad():
+        logits = result.model(torch.from_numpy(x)).numpy()
+    labelled = np.flatnonzero(~test)
+    cleaned = knn_clean(x[labelled], noisy[labelled], 8, 15)
+    transition = estimate_transition(cleaned, noisy[labelled], 8)
+    assert np.allclose(transition.sum(1), 1) and 0.4 < np.diag(transition).mean() < 0.8  # true: 0.6
+    t_aware = fit_temperature(logits[val], cleaned[np.isin(labelled, np.flatnonzero(val))])
+    t_naive = fit_temperature(logits[val], noisy[val])
+    before = expected_calibration_error(softmax(logits[test]), y[test])
+    after = expected_calibration_error(softmax(logits[test], t_aware), y[test])
+    naive = expected_calibration_error(softmax(logits[test], t_naive), y[test])
+    assert after < before, (before, after)
+    assert after < naive, "calibrating on noisy labels naively must not beat the noise-aware fit"
+    assert t_naive > t_aware  # the naive fit learns the noise as uncertainty: flatter probabilities
+
+
+def test_selective_threshold_reaches_its_target():
+    rng = np.random.default_rng(0)
+    conf = rng.uniform(0.3, 1, 2000)
+    labels = (rng.uniform(size=2000) < conf).astype(int)  # right with probability = confidence
+    probs = np.stack([conf, 1 - conf], 1)
+    threshold, acc, coverage = selective_threshold(probs, 1 - labels, target=0.9)
+    kept = conf >= threshold
+    assert acc >= 0.9 and 0.1 < coverage < 0.9
+    assert ((probs.argmax(1) == 1 - labels)[kept]).mean() == pytest.approx(acc)
+
+
+def test_ood_score_separates_non_he_images_from_held_out_tiles():
+    data = np.load(FIXTURES / "kather_embeddings.npz")
+    x, y, slides = data["embeddings"].astype(np.float32), data["labels"], data["slides"]
+    test = slides == "CRC-Prim-HE-07"
+    scorer = MahalanobisScore(x[~test], y[~test], 8, k=64)
+    runtime = Runtime(ROOT / "models" / "default")
+    tiles = sorted((FIXTURES / "kather").glob("*/*.webp"))[:16]
+
+    def pixels(images):
+        return np.stack([np.asarray(i.convert("RGB").resize((224, 224), Image.BILINEAR)) for i in images])
+
+    blurred = [Image.open(p).filter(ImageFilter.GaussianBlur(6)) for p in tiles]
+    rng = np.random.default_rng(0)
+    noise_images = [Image.fromarray(rng.integers(0, 255, (224, 224, 3), dtype=np.uint8)) for _ in range(4)]
+    flat = [Image.new("RGB", (224, 224), color) for color in [(0, 0, 255), (30, 30, 30), (0, 200, 0)]]
+    ind = runtime.predict(pixels([Image.open(p) for p in tiles]))
+    ood = runtime.predict(pixels(blurred + noise_images + flat))
+    assert ind.ood_scores is not None and ind.ood_scores.shape == (16,)
+    assert np.median(ood.ood_scores) > np.quantile(ind.ood_scores, 0.9)
+    flags = runtime.out_of_distribution(ood)
+    assert flags[-7:].all(), "noise and flat colours must all be flagged"
+    assert runtime.out_of_distribution(ind).mean() <= 0.25
+    assert scorer.score(x[test]).mean() < scorer.score(x[test] * 3 + 5).mean()
+
+
+def test_old_artifact_without_calibration_still_serves(tmp_path, caplog):
+    old = tmp_path / "old"
+    shutil.copytree(ROOT / "models" / "default", old, ignore=shutil.ignore_patterns("suspects.*", "*.png"))
+    card = json.loads((old / "card.json").read_text())
+    for key in ("calibration", "abstention", "ood"):
+        card.pop(key)
+    (old / "card.json").write_text(json.dumps(card))
+    with caplog.at_level(logging.WARNING):
+        runtime = Runtime(old)
+    assert "no calibration/OOD data" in caplog.text
+    pred = runtime.predict(np.zeros((2, 224, 224, 3), np.uint8))
+    assert pred.probabilities.shape == (2, 8)
+    assert runtime.abstained(pred) is None and runtime.out_of_distribution(pred) is None
+
+
+def test_thresholds_can_be_overridden_at_serving_time(monkeypatch):
+    monkeypatch.setenv("HISTO_ABSTAIN_THRESHOLD", "1.01")
+    monkeypatch.setenv("HISTO_OOD_THRESHOLD", "1e9")
+    runtime = Runtime(ROOT / "models" / "default")
+    pred = runtime.predict(np.zeros((1, 224, 224, 3), np.uint8))
+    assert runtime.abstained(pred).all() and not runtime.out_of_distribution(pred).any()
