@@ -208,13 +208,13 @@ def test_dockerfile_installs_exactly_pyproject_serving_dependencies():
     optional = _pyproject()["project"]["optional-dependencies"]
 
     # The variant base stages choose the extra; both extras exist in pyproject.toml.
-    assert _env(stages["base-gpu"])["HISTO_ORT_EXTRA"] == "gpu"
-    assert _env(stages["base-cpu"])["HISTO_ORT_EXTRA"] == "serve"
+    assert _env(stages["base-gpu"])["HISTO_IMAGE_EXTRA"] == "gpu"
+    assert _env(stages["base-cpu"])["HISTO_IMAGE_EXTRA"] == "serve"
     assert {"gpu", "serve"} <= set(optional)
 
     # Exactly one install, straight from pyproject.toml (core dependencies + that extra) ...
     installs = [args for _, stage in stages.items() for kw, args, _ in stage if kw == "RUN" and "pip install" in args]
-    assert installs == ['uv pip install -r pyproject.toml --extra "${HISTO_ORT_EXTRA}"'], installs
+    assert installs == ['uv pip install -r pyproject.toml --extra "${HISTO_IMAGE_EXTRA}"'], installs
     # ... and no second list of pins anywhere in the file.
     assert not re.findall(r"[A-Za-z0-9_.\-]+==\d", text), "the Dockerfile must not pin packages itself"
     instructions = " ".join(args for _, args, _ in _instructions(text))
@@ -283,7 +283,7 @@ def test_dockerfile_runtime_contract():
     service_src = "".join(p.read_text(encoding="utf-8") for p in sorted((ROOT / "service").glob("*.py")))
     if "HISTO_MAX_BATCH_SIZE" in service_src:  # the service module may not be written yet
         for name in env:
-            if name.startswith("HISTO_") and name not in {"HISTO_VARIANT", "HISTO_ORT_EXTRA"}:
+            if name.startswith("HISTO_") and name not in {"HISTO_IMAGE_VARIANT", "HISTO_IMAGE_EXTRA"}:
                 assert name in service_src, f"the image sets {name} but service/ never reads it"
 
 
@@ -297,6 +297,9 @@ def test_dockerignore_sends_only_what_the_dockerfile_copies():
         "models/default/model.onnx",
         "models/default/card.json",
         "models/default/config.json",
+        "models/default/model.int8.onnx",
+        "models/default/model.onnx.data",
+        "models/default/report.json",
     ]:
         assert _in_build_context(kept), kept
     for dropped in [
@@ -311,22 +314,30 @@ def test_dockerignore_sends_only_what_the_dockerfile_copies():
         "service/__pycache__/service.cpython-311.pyc",
         "models/__pycache__/card.cpython-311.pyc",
         "models/other/model.onnx",
+        "models/default/suspects.csv",
+        "models/default/suspects.png",
+        "models/default/confusion.png",
+        "models/default/reliability.png",
+        "models/default/head.safetensors",
         "README.md",
         "bentofile.yaml",
     ]:
         assert not _in_build_context(dropped), dropped
 
-    # Every file a context COPY names really reaches the daemon.
+    # Every context COPY finds something: a named file or .py glob in full, a folder at least in part.
     for keyword, args, _ in _instructions(DOCKERFILE.read_text(encoding="utf-8")):
         if keyword != "COPY" or "--from" in args:
             continue
         for source in args.split()[:-1]:
-            matches = [p for p in ROOT.glob(source.rstrip("/")) if "__pycache__" not in p.parts]
-            files = [f for m in matches for f in ([m] if m.is_file() else m.rglob("*")) if f.is_file()]
-            for f in files:
-                rel = f.relative_to(ROOT).as_posix()
-                if "__pycache__" not in rel and not rel.endswith(".pyc"):
+            matches = list(ROOT.glob(source.rstrip("/")))
+            assert matches, f"COPY {source}: nothing in the repository matches"
+            for match in matches:
+                if match.is_file():
+                    rel = match.relative_to(ROOT).as_posix()
                     assert _in_build_context(rel), f"COPY {source} needs {rel}, but .dockerignore drops it"
+                else:
+                    rels = [f.relative_to(ROOT).as_posix() for f in match.rglob("*") if f.is_file()]
+                    assert any(map(_in_build_context, rels)), f"COPY {source}: .dockerignore drops all of it"
 
 
 def test_service_imports_from_the_docker_build_context_alone(tmp_path):
@@ -428,6 +439,10 @@ def test_bentoml_build(tmp_path):
     shipped = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file()}
     assert not [p for p in shipped if p.split("/")[0] in {"tests", "training", "benchmarks", ".venv", "runs", ".git"}]
     assert not [p for p in shipped if "__pycache__" in p], "bytecode caches leaked into the bento"
+    in_image = {
+        f.relative_to(ROOT).as_posix() for f in MODEL_DIR.iterdir() if _in_build_context(f.relative_to(ROOT).as_posix())
+    }
+    assert {p for p in shipped if p.startswith("models/default/")} == in_image, "bento and image ship different models"
 
     requirements = [
         line.strip()

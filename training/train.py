@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patience", type=int, default=defaults.patience, help="early-stopping patience in epochs")
     p.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
     p.add_argument("--knn-k", type=int, default=defaults.knn_k, help="neighbours for kNN cleaning and suspects")
+    p.add_argument("--clean-margin", type=float, default=defaults.clean_margin,
+                   help="kNN cleaning relabels a tile only when the neighbours' top class leads its label by this")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of tiles (whole slides) held for noisy val")
     p.add_argument("--mpp", type=float, default=0.5, help="micrometres per pixel of the training patches")
     p.add_argument("--slide-regex", default=DEFAULT_SLIDE_REGEX, help="regex whose group 1 is the slide id in a name")
@@ -174,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     train_idx, val_idx = slide_split(patches.slides, y_noisy, args.val_fraction, args.seed)
     config = TrainConfig(
         head=args.head, method=args.method, loss=args.loss, epochs=args.epochs, patience=args.patience,
-        lr=args.lr, knn_k=args.knn_k, seed=args.seed,
+        lr=args.lr, knn_k=args.knn_k, clean_margin=args.clean_margin, seed=args.seed,
     )
     t = time.perf_counter()
     result = train_head(x_all[train_idx], y_noisy[train_idx], x_all[val_idx], y_noisy[val_idx], len(classes), config)
@@ -282,10 +284,10 @@ def _fit_confidence(args, head, x_all, x_test, test, classes, votes, y_noisy, tr
     }
     curves = {"validation, uncalibrated (vs kNN-cleaned labels)": (raw_val, cleaned[val_idx]),
               "validation, calibrated (vs kNN-cleaned labels)": (cal_val, cleaned[val_idx])}
-    threshold, sel_acc, coverage = selective_threshold(cal_val, cleaned[val_idx], args.target_selective_accuracy)
+    threshold, sel_acc, coverage = selective_threshold(cal_val, None, args.target_selective_accuracy)
     info["abstention"] = {"threshold": threshold, "target_selective_accuracy": args.target_selective_accuracy,
                           "selective_accuracy": sel_acc, "coverage": coverage,
-                          "measured_on": "validation split vs kNN-cleaned labels"}
+                          "measured_on": "validation split, expected accuracy = calibrated confidence"}
     if test_logits is not None:
         y_test = np.array([classes.index(label) for label in test.labels])
         raw_t, cal_t = softmax(test_logits), softmax(test_logits, temperature)
@@ -295,6 +297,8 @@ def _fit_confidence(args, head, x_all, x_test, test, classes, votes, y_noisy, tr
             "ece_uncalibrated": expected_calibration_error(raw_t, y_test),
             "ece_calibrated": expected_calibration_error(cal_t, y_test),
             "ece_naive_temperature": expected_calibration_error(naive_t, y_test),
+            "ece_transition_temperature": expected_calibration_error(softmax(test_logits, transition_temperature),
+                                                                     y_test),
             "selective_accuracy": float((cal_t.argmax(1) == y_test)[kept].mean()) if kept.any() else None,
             "coverage": float(kept.mean()),
         }
@@ -347,7 +351,8 @@ def _export(args, encoder, head, patches: PatchSet, hashes, classes, train_idx, 
                             embedding_dim=encoder.embedding_dim, pretraining=encoder.spec.pretraining),
         head=HeadInfo(kind=args.head, method=f"{args.method}+{args.loss}",
                       hyperparameters={"epochs_max": args.epochs, "best_epoch": report["best_epoch"], "lr": args.lr,
-                                       "knn_k": args.knn_k, "patience": args.patience}),
+                                       "knn_k": args.knn_k, "clean_margin": args.clean_margin,
+                                       "patience": args.patience}),
         data=DataSummary(
             source=str(patches.source), n_train=len(train_idx), n_val=len(val_idx),
             class_counts={c: int((y_noisy == i).sum()) for i, c in enumerate(classes)},
