@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default ~/.cache/histo-robust)")
     p.add_argument("--no-cache", action="store_true", help="recompute embeddings, do not read or write the cache")
     p.add_argument("--variants", default="", help="extra ONNX variants, comma-separated: fp16,int8")
+    p.add_argument("--calibration", choices=("cleaned", "transition", "none"), default="cleaned",
+                   help="noise-aware temperature fit: on kNN-cleaned validation labels, through an estimated "
+                        "noise transition, or none")
     p.add_argument("--target-selective-accuracy", type=float, default=0.90,
                    help="abstain below the confidence at which kept predictions reach this accuracy")
     p.add_argument("--name", default=None, help="model name in the card (default: OUT folder name)")
@@ -269,13 +272,16 @@ def _fit_confidence(args, head, x_all, x_test, test, classes, votes, y_noisy, tr
     transition = estimate_transition(cleaned[train_idx], y_noisy[train_idx], n)
     # The transition-adjusted fit (softmax(z/t) @ T vs given labels) swings with small validation
     # sets; fitting on the kNN-cleaned labels measured steadier on held-out slides (tests, README).
-    temperature = fit_temperature(logits[val_idx], cleaned[val_idx])
+    cleaned_temperature = fit_temperature(logits[val_idx], cleaned[val_idx])
     transition_temperature = fit_temperature(logits[val_idx], y_noisy[val_idx], transition)
+    temperature = {"cleaned": cleaned_temperature, "transition": transition_temperature, "none": 1.0}[args.calibration]
     naive_temperature = fit_temperature(logits[val_idx], y_noisy[val_idx])
     probs_all = softmax(logits, temperature)
     raw_val, cal_val = softmax(logits[val_idx]), probs_all[val_idx]
     info: dict = {
         "temperature": temperature,
+        "calibration": args.calibration,
+        "cleaned_label_temperature": cleaned_temperature,
         "naive_temperature_on_noisy_labels": naive_temperature,
         "transition_adjusted_temperature": transition_temperature,
         "transition_estimate": np.round(transition, 3).tolist(),
@@ -362,7 +368,9 @@ def _export(args, encoder, head, patches: PatchSet, hashes, classes, train_idx, 
         metrics=metrics,
         parity=parity,
         calibration=Calibration(
-            temperature=confidence["temperature"], method="temperature scaling on kNN-cleaned validation labels",
+            temperature=confidence["temperature"], method={"cleaned": "temperature scaling on kNN-cleaned validation labels",
+                    "transition": "temperature scaling through an estimated noise transition",
+                    "none": "none (temperature 1)"}[args.calibration],
             ece_before=confidence["ece_val_vs_cleaned"]["before"], ece_after=confidence["ece_val_vs_cleaned"]["after"],
             ece_split="validation split vs kNN-cleaned labels",
         ),
