@@ -50,6 +50,18 @@ def choose_providers(requested: str | None = None) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def serving_thresholds(card: ModelCard) -> tuple[float | None, float | None]:
+    """(abstention, OOD) thresholds: the card's, overridable at serving time by
+    ``HISTO_ABSTAIN_THRESHOLD`` / ``HISTO_OOD_THRESHOLD`` without touching the model."""
+    abstain = _env_float("HISTO_ABSTAIN_THRESHOLD")
+    if abstain is None and card.abstention is not None:
+        abstain = card.abstention.threshold
+    ood = _env_float("HISTO_OOD_THRESHOLD")
+    if ood is None and card.ood is not None:
+        ood = card.ood.threshold
+    return abstain, ood
+
+
 @dataclass(frozen=True)
 class Prediction:
     """Outputs for a batch: probabilities ``[N, C]``, embeddings ``[N, D]`` and, for models that
@@ -110,14 +122,7 @@ class Runtime:
         )
         wanted = (PROBABILITIES_OUTPUT, EMBEDDINGS_OUTPUT, OOD_OUTPUT)
         self._outputs = [o.name for o in self.session.get_outputs() if o.name in wanted]
-        # Thresholds from the card, overridable at serving time without touching the model.
-        card_abstain = self.card.abstention.threshold if self.card.abstention else None
-        self.abstain_threshold: float | None = _env_float("HISTO_ABSTAIN_THRESHOLD")
-        if self.abstain_threshold is None:
-            self.abstain_threshold = card_abstain
-        self.ood_threshold: float | None = _env_float("HISTO_OOD_THRESHOLD")
-        if self.ood_threshold is None and self.card.ood is not None:
-            self.ood_threshold = self.card.ood.threshold
+        self.abstain_threshold, self.ood_threshold = serving_thresholds(self.card)
         if self.card.calibration is None or self.card.ood is None or OOD_OUTPUT not in self._outputs:
             log.warning(
                 "model %s has no calibration/OOD data (older artifact): abstained/ood fields will be null",

@@ -1,0 +1,208 @@
+"""The HTTP service: POST patches to ``/classify``, get a class and every class's probability.
+
+    bentoml serve service.service:HistoClassifier          # from the repository root, port 3000
+
+Two BentoML services in one ``bentoml serve``: ``HistoClassifier`` faces HTTP (multipart
+parsing, decoding, validation, response shaping) and hands uint8 arrays to ``Inference``, whose
+``predict`` is ``batchable``: BentoML's adaptive batching groups the images of concurrent
+requests into one onnxruntime call. Settings come from the environment, so nothing is edited
+to tune a deployment:
+
+``HISTO_MODEL_DIR`` (models/default) · ``HISTO_DEVICE`` (auto|cpu|cuda) · ``HISTO_MAX_BATCH_SIZE``
+(64) · ``HISTO_MAX_LATENCY_MS`` (50) · ``HISTO_BATCHING`` (1; 0 turns batching off) ·
+``HISTO_MAX_IMAGES`` (64 per request) · ``HISTO_MAX_BODY_MB`` (32) · ``HISTO_THREADS`` (0 = all
+cores) · ``HISTO_ABSTAIN_THRESHOLD`` / ``HISTO_OOD_THRESHOLD`` (override the card's).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+from pathlib import Path
+
+import bentoml
+import numpy as np
+from starlette.applications import Starlette
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from models.card import ModelLoadError, load_model_dir
+from service.images import BadImage, load_rgb
+from service.runtime import Runtime, model_dir_from_env, serving_thresholds
+from service.schemas import ClassifyResponse, ErrorBody, PatchResult
+
+log = logging.getLogger("histo_robust.service")
+
+MAX_BATCH_SIZE = int(os.environ.get("HISTO_MAX_BATCH_SIZE", "64"))
+MAX_LATENCY_MS = int(os.environ.get("HISTO_MAX_LATENCY_MS", "50"))
+BATCHING = os.environ.get("HISTO_BATCHING", "1") != "0"
+MAX_IMAGES = int(os.environ.get("HISTO_MAX_IMAGES", "64"))
+MAX_BODY_BYTES = int(float(os.environ.get("HISTO_MAX_BODY_MB", "32")) * 1024 * 1024)
+
+
+def _load_model_or_exit():
+    """Fail start-up (not the first request) with the reason when the model cannot be served."""
+    try:
+        return load_model_dir(model_dir_from_env())
+    except ModelLoadError as exc:
+        log.critical("cannot load model: %s", exc)
+        raise SystemExit(f"histo-robust: cannot load model: {exc}") from None
+
+
+def _error(status: int, kind: str, detail: str, index: int | None = None) -> JSONResponse:
+    return JSONResponse(ErrorBody(error=kind, detail=detail, index=index).model_dump(), status_code=status)
+
+
+_FIELD = re.compile(rb'content-disposition:[^\r\n]*?\bname="([^"]*)"', re.IGNORECASE)
+
+
+class RequestGuard:
+    """ASGI middleware in front of BentoML's parser: body size and form fields, answered as 4xx.
+
+    The body is read once (bounded by ``HISTO_MAX_BODY_MB``: 413 beyond), the multipart field
+    names are checked (anything but ``images`` is a 422 that names the expected field: BentoML
+    would otherwise try to JSON-decode a stray binary part and answer 500), then the body is
+    replayed to the application unchanged.
+    """
+
+    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != "/classify":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._too_big(scope, receive, send)
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await self._too_big(scope, receive, send)
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        content_type = headers.get(b"content-type", b"").lower()
+        if not content_type.startswith(b"multipart/form-data"):
+            return await _error(415, "not_multipart", "send patches as multipart/form-data files in the field "
+                                "'images'")(scope, receive, send)
+        fields = {m.decode("latin-1") for m in _FIELD.findall(body)}
+        if fields - {"images"} or not fields:
+            detail = f"unexpected form field(s) {sorted(fields - {'images'})}; " if fields - {"images"} else ""
+            return await _error(422, "bad_form", detail + "send the patches as files in the form field "
+                                "'images'")(scope, receive, send)
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    async def _too_big(self, scope, receive, send):
+        return await _error(413, "body_too_large", f"request body over the {self.max_bytes} byte limit "
+                            "(HISTO_MAX_BODY_MB)")(scope, receive, send)
+
+
+@bentoml.service(name="histo_inference", workers=1, traffic={"timeout": 120, "max_concurrency": 256})
+class Inference:
+    """onnxruntime behind BentoML's adaptive batching: one call per batch of images."""
+
+    def __init__(self) -> None:
+        self.runtime = Runtime(_load_model_or_exit())
+        log.info("inference on %s, batching=%s max_batch_size=%d max_latency_ms=%d",
+                 self.runtime.providers[0], BATCHING, MAX_BATCH_SIZE, MAX_LATENCY_MS)
+
+    @bentoml.api(batchable=BATCHING, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 ``[N, S, S, 3]`` → ``[N, C + 1]``: class probabilities, then the OOD score (NaN if none)."""
+        pred = self.runtime.predict(images)
+        ood = pred.ood_scores if pred.ood_scores is not None else np.full(len(images), np.nan, np.float32)
+        return np.concatenate([pred.probabilities, ood[:, None]], axis=1).astype(np.float32)
+
+
+_CARD_JSON: dict = {}  # filled when the service loads its model
+
+
+async def _model_card(request):  # GET /model
+    return JSONResponse(_CARD_JSON)
+
+
+_model_app = Starlette(routes=[Route("/", _model_card, methods=["GET"])])
+
+
+@bentoml.asgi_app(_model_app, path="/model")
+@bentoml.service(name="histo_classifier", workers=1, traffic={"timeout": 120, "max_concurrency": 256})
+class HistoClassifier:
+    """POST /classify (multipart field ``images``), GET /model; /livez, /readyz, /metrics as usual."""
+
+    inference = bentoml.depends(Inference)
+
+    def __init__(self) -> None:
+        model = _load_model_or_exit()
+        self.card = model.card
+        _CARD_JSON.update(self.card.model_dump(mode="json"))
+        self.abstain_threshold, self.ood_threshold = serving_thresholds(self.card)
+        self.min_side = max(8, self.card.patch_size_pixels // 2)
+
+    @bentoml.api(route="/classify")
+    async def classify(self, images: list[Path]) -> ClassifyResponse:
+        """Classify one or more patches; answers keep the order of the ``images`` field."""
+        if not images:
+            return _error(422, "no_images", "send one or more files in the multipart form field 'images'")
+        if len(images) > MAX_IMAGES:
+            return _error(413, "too_many_images", f"{len(images)} images in one request; the limit is {MAX_IMAGES}")
+        names = [_client_name(p) for p in images]
+        try:
+            pixels = await asyncio.to_thread(self._decode, images, names)
+        except _IndexedBadImage as exc:
+            return _error(exc.status, "bad_image", str(exc.bad), exc.index)
+        out = await self.inference.to_async.predict(pixels)
+        probs, ood = out[:, :-1], out[:, -1]
+        results = []
+        for i, (name, p, score) in enumerate(zip(names, probs, ood, strict=True)):
+            top = int(p.argmax())
+            conf = float(p[top])
+            has_ood = bool(np.isfinite(score)) and self.ood_threshold is not None
+            results.append(PatchResult(
+                index=i, name=name, label=self.card.classes[top], confidence=conf,
+                probabilities={c: float(v) for c, v in zip(self.card.classes, p, strict=True)},
+                abstained=None if self.abstain_threshold is None else conf < self.abstain_threshold,
+                ood_score=float(score) if np.isfinite(score) else None,
+                ood=bool(score > self.ood_threshold) if has_ood else None,
+            ))
+        return ClassifyResponse(model=self.card.name, results=results)
+
+    def _decode(self, paths: list[Path], names: list[str]) -> np.ndarray:
+        arrays = []
+        for i, (path, name) in enumerate(zip(paths, names, strict=True)):
+            try:
+                arrays.append(load_rgb(Path(path).read_bytes(), name, self.card.input_size, self.min_side))
+            except BadImage as exc:
+                raise _IndexedBadImage(exc, i) from None
+        return np.stack(arrays)
+
+
+def _client_name(path: Path) -> str:
+    """BentoML stores each upload as ``tmpXXXXXXXX<client file name>``; give the client its name back."""
+    name = Path(path).name
+    return name[11:] if re.match(r"tmp[a-z0-9_]{8}.", name) else name
+
+
+class _IndexedBadImage(Exception):
+    def __init__(self, bad: BadImage, index: int) -> None:
+        super().__init__(str(bad))
+        self.bad, self.index, self.status = bad, index, bad.status
+
+
+HistoClassifier.add_asgi_middleware(RequestGuard)
