@@ -15,13 +15,13 @@ ARG VARIANT=gpu
 # libcublas.so.13, libcublasLt.so.13 and libcurand.so.10, and its CUDA EP needs cuDNN 9: a CUDA 13
 # runtime image with cuDNN 9. A CUDA 13 image needs an NVIDIA driver >= 580 on the host.
 FROM nvidia/cuda:13.0.2-cudnn-runtime-ubuntu24.04 AS base-gpu
-ENV HISTO_VARIANT=gpu \
-    HISTO_ORT_EXTRA=gpu
+ENV HISTO_IMAGE_VARIANT=gpu \
+    HISTO_IMAGE_EXTRA=gpu
 
 # Same OS as the GPU image, without the CUDA libraries; installs the `serve` extra (CPU onnxruntime).
 FROM ubuntu:24.04 AS base-cpu
-ENV HISTO_VARIANT=cpu \
-    HISTO_ORT_EXTRA=serve
+ENV HISTO_IMAGE_VARIANT=cpu \
+    HISTO_IMAGE_EXTRA=serve
 
 FROM ghcr.io/astral-sh/uv:0.13.9 AS uv
 
@@ -46,7 +46,7 @@ RUN uv python install "${PYTHON_VERSION}" \
 WORKDIR /build
 # Only pyproject.toml: code and model changes below never invalidate this layer.
 COPY pyproject.toml ./
-RUN uv pip install -r pyproject.toml --extra "${HISTO_ORT_EXTRA}"
+RUN uv pip install -r pyproject.toml --extra "${HISTO_IMAGE_EXTRA}"
 
 # ---------------------------------------------------------------------------------------------
 # runtime
@@ -65,7 +65,7 @@ ENV PATH=/opt/venv/bin:${PATH} \
 # Fail the build, not the first request, when the base image lacks a library onnxruntime needs
 # (libcuda.so.1 comes from the host driver at `docker run --gpus` time, so it may be missing here).
 RUN python -c "import onnxruntime as ort; print('onnxruntime', ort.__version__, ort.get_available_providers())" \
-    && if [ "${HISTO_VARIANT}" = gpu ]; then \
+    && if [ "${HISTO_IMAGE_VARIANT}" = gpu ]; then \
         capi="$(python -c 'import onnxruntime, os; print(os.path.join(os.path.dirname(onnxruntime.__file__), "capi"))')"; \
         missing="$(ldd "${capi}/libonnxruntime_providers_cuda.so" | grep 'not found' | grep -v 'libcuda\.so\.1' || true)"; \
         if [ -n "${missing}" ]; then echo "CUDA libraries missing for onnxruntime-gpu: ${missing}" >&2; exit 1; fi; \
@@ -82,12 +82,16 @@ COPY service/ ./service/
 
 # Defaults, all overridable with `docker run -e NAME=value`. Mount another model directory and
 # point HISTO_MODEL_DIR at it to serve a different model without rebuilding.
+# The values are the service's own defaults (tests/test_container.py keeps them equal);
+# HISTO_ABSTAIN_THRESHOLD / HISTO_OOD_THRESHOLD / HISTO_MODEL_VARIANT stay unset: the card decides.
 ENV HISTO_MODEL_DIR=/app/models/default \
     HISTO_DEVICE=auto \
+    HISTO_BATCHING=1 \
     HISTO_MAX_BATCH_SIZE=64 \
-    HISTO_MAX_LATENCY_MS=200 \
-    HISTO_MAX_IMAGES=256 \
-    HISTO_MAX_BODY_MB=64 \
+    HISTO_MAX_LATENCY_MS=50 \
+    HISTO_MAX_IMAGES=64 \
+    HISTO_MAX_BODY_MB=32 \
+    HISTO_THREADS=0 \
     BENTOML_HOME=/tmp/bentoml \
     BENTOML_DO_NOT_TRACK=true \
     MPLCONFIGDIR=/tmp/matplotlib
