@@ -13,16 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np
-import requests
 
 from models.card import write_atomic
 from service.images import load_rgb
@@ -45,31 +43,38 @@ def raw_throughput(batch: int, seconds: float) -> float:
 
 
 def http_throughput(url: str, clients: int, seconds: float) -> float:
-    payloads = [(t.name, t.read_bytes()) for t in TILES]
-    stop = time.perf_counter() + seconds
-    count = [0] * clients
-    errors = []
+    """``clients`` concurrent connections (one asyncio client: the load generator must not eat the CPU
+    the server needs), each posting one tile per request back to back for ``seconds``."""
+    import asyncio
 
-    def client(i: int) -> None:
-        session = requests.Session()
+    import aiohttp
+
+    payloads = [(t.name, t.read_bytes()) for t in TILES]
+    counts = [0] * clients
+
+    async def client(i: int, session: aiohttp.ClientSession, stop: float) -> None:
         k = i
         while time.perf_counter() < stop:
             name, data = payloads[k % len(payloads)]
-            r = session.post(f"{url}/classify", files=[("images", (name, data))], timeout=120)
-            if r.status_code != 200:
-                errors.append(r.text)
-                return
-            count[i] += 1
+            form = aiohttp.FormData()
+            form.add_field("images", data, filename=name)
+            async with session.post(f"{url}/classify", data=form) as r:
+                if r.status != 200:
+                    raise RuntimeError(f"HTTP {r.status}: {(await r.text())[:200]}")
+                await r.read()
+            counts[i] += 1
             k += clients
 
-    warm = requests.post(f"{url}/classify", files=[("images", payloads[0])], timeout=60)
-    warm.raise_for_status()
-    start = time.perf_counter()
-    with ThreadPoolExecutor(clients) as pool:
-        list(pool.map(client, range(clients)))
-    if errors:
-        raise RuntimeError(f"{len(errors)} failed requests, e.g. {errors[0][:200]}")
-    return sum(count) / (time.perf_counter() - start)
+    async def run() -> float:
+        timeout = aiohttp.ClientTimeout(total=300)
+        async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients)) as session:
+            await client(0, session, time.perf_counter() + 2)  # warm-up
+            counts[0] = 0
+            start = time.perf_counter()
+            await asyncio.gather(*(client(i, session, start + seconds) for i in range(clients)))
+            return sum(counts) / (time.perf_counter() - start)
+
+    return asyncio.run(run())
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -80,11 +85,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     args = p.parse_args(argv)
     result = {"clients": args.clients, "batch": args.batch, "seconds": args.seconds,
-              "threads": threading.active_count()}
+              "cpu_count": os.cpu_count()}
     result["raw_onnxruntime"] = raw_throughput(args.batch, args.seconds)
-    for name, env in [("http_batched", {"HISTO_MAX_BATCH_SIZE": str(args.batch), "HISTO_MAX_LATENCY_MS": "100"}),
+    for name, env in [("http_batched", {"HISTO_MAX_BATCH_SIZE": str(args.batch), "HISTO_MAX_LATENCY_MS": "10000"}),
                       ("http_unbatched", {"HISTO_BATCHING": "0"})]:
-        proc, url = start_server({**env, "HISTO_DEVICE": "cpu", "HISTO_MAX_BODY_MB": "32"})
+        log = ROOT / "benchmarks" / "results" / "tmp" / f"serve-{name}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        proc, url = start_server({**env, "HISTO_DEVICE": "cpu", "HISTO_MAX_BODY_MB": "32"}, log_path=log)
         try:
             result[name] = http_throughput(url, args.clients, args.seconds)
         finally:
