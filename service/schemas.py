@@ -25,3 +25,8 @@ class ErrorBody(BaseModel):
     error: str = Field(description="Short error kind, e.g. 'bad_image'.")
     detail: str = Field(description="What was wrong, naming the file where there is one.")
     index: int | None = Field(None, description="Index of the offending image, when one image caused it.")
+
+
+class SlideResult(BaseModel):
+    summary: dict = Field(description="Tiles, tissue area, class fractions, timings, model name and sha256.")
+    geojson: dict = Field(description="QuPath-importable FeatureCollection, one feature per tissue tile.")

@@ -17,6 +17,7 @@ cores) · ``HISTO_ABSTAIN_THRESHOLD`` / ``HISTO_OOD_THRESHOLD`` (override the ca
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import re
@@ -31,7 +32,7 @@ from starlette.routing import Route
 from models.card import ModelLoadError, load_model_dir
 from service.images import BadImage, load_rgb
 from service.runtime import Runtime, model_dir_from_env, serving_thresholds
-from service.schemas import ClassifyResponse, ErrorBody, PatchResult
+from service.schemas import ClassifyResponse, ErrorBody, PatchResult, SlideResult
 
 log = logging.getLogger("histo_robust.service")
 
@@ -152,6 +153,8 @@ class HistoClassifier:
 
     def __init__(self) -> None:
         model = _load_model_or_exit()
+        self.model = model
+        self._slide_runtime: Runtime | None = None  # created on the first slide task
         self.card = model.card
         _CARD_JSON.update(self.card.model_dump(mode="json"))
         self.abstain_threshold, self.ood_threshold = serving_thresholds(self.card)
@@ -187,6 +190,34 @@ class HistoClassifier:
                 ood=bool(score > self.ood_threshold) if has_ood else None,
             ))
         return ClassifyResponse(model=self.card.name, results=results)
+
+    @bentoml.task(route="/classify_slide")
+    def classify_slide(self, slide: Path, mpp: float | None = None) -> SlideResult:
+        """Classify an uploaded whole-slide image (SVS, NDPI, MRXS, tiled TIFF...) as a background task.
+
+        Submit with ``POST /classify_slide/submit`` (multipart field ``slide``; optional ``mpp``), poll
+        ``GET /classify_slide/status?task_id=...`` and fetch ``GET /classify_slide/get?task_id=...``.
+        Only uploaded files are read: the service accepts no server-side path, so no request can
+        reach files outside its own upload.
+        """
+        import tempfile
+
+        from service.slides import SlideError
+        from service.wsi import classify_slide
+
+        if self._slide_runtime is None:
+            self._slide_runtime = Runtime(self.model)
+        with tempfile.TemporaryDirectory() as tmp:
+            named = Path(tmp) / _client_name(slide)  # OpenSlide picks its driver by the file name's suffix
+            named.symlink_to(Path(slide).resolve())
+            try:
+                summary = classify_slide(named, self._slide_runtime, Path(tmp) / "out", mpp=mpp, progress=False)
+            except SlideError as exc:
+                raise bentoml.exceptions.InvalidArgument(str(exc).replace(str(named), named.name)) from None
+            geojson = json.loads((Path(tmp) / "out" / "predictions.geojson").read_text())
+        summary.pop("job", None)
+        summary["slide"] = named.name
+        return SlideResult(summary=summary, geojson=geojson)
 
     async def _infer(self, pixels: np.ndarray, attempts: int = 3) -> np.ndarray | None:
         """Call the batching inference service; retry dropped keep-alive connections, None when overloaded."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import re
+import time
 import struct
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -169,3 +170,28 @@ def test_concurrent_requests_are_batched_and_answers_match(served):
         assert result["label"] == single["label"]
         np.testing.assert_allclose(list(result["probabilities"].values()), list(single["probabilities"].values()),
                                    atol=1e-5)
+
+
+def _run_slide_task(url: str, name: str, data: bytes) -> requests.Response:
+    task = requests.post(f"{url}/classify_slide/submit", files=[("slide", (name, data))], timeout=60).json()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        status = requests.get(f"{url}/classify_slide/status", params={"task_id": task["task_id"]}, timeout=10).json()
+        if status["status"] in ("success", "completed", "failure", "failed"):
+            break
+        time.sleep(0.3)
+    return requests.get(f"{url}/classify_slide/get", params={"task_id": task["task_id"]}, timeout=30)
+
+
+def test_slide_task_returns_summary_and_geojson(served):
+    slide = ROOT / "tests" / "fixtures" / "CMU-1-Small-Region.svs"
+    response = _run_slide_task(served, slide.name, slide.read_bytes())
+    assert response.status_code == 200, response.text
+    body = response.json()
+    summary, geo = body["summary"], body["geojson"]
+    assert summary["slide"] == slide.name and summary["mpp"] == pytest.approx(0.499)
+    assert summary["tiles"] == len(geo["features"]) > 50
+    assert geo["type"] == "FeatureCollection"
+    not_a_slide = _run_slide_task(served, "notes.svs", b"not a slide at all")
+    assert "cannot open with OpenSlide" in not_a_slide.text and "/tmp" not in not_a_slide.text
+    _expect_alive(served)
