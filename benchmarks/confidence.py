@@ -32,8 +32,20 @@ from training.data import load_patches
 from training.metrics import auroc
 
 RESULTS = Path(__file__).resolve().parent / "results"
-NATURAL = ["ihc.png", "astronaut.png", "coffee.png", "chelsea.png", "rocket.jpg", "retina.jpg",
-           "motorcycle_left.png", "color.png", "hubble_deep_field.jpg", "brick.png", "grass.png", "gravel.png"]
+NATURAL = [
+    "ihc.png",
+    "astronaut.png",
+    "coffee.png",
+    "chelsea.png",
+    "rocket.jpg",
+    "retina.jpg",
+    "motorcycle_left.png",
+    "color.png",
+    "hubble_deep_field.jpg",
+    "brick.png",
+    "grass.png",
+    "gravel.png",
+]
 
 
 def pixels(images: list[Image.Image], size: int) -> np.ndarray:
@@ -80,8 +92,22 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = args.model_dir or Path(tmp) / "model"
-        report = train.main(["--data", args.data, "--out", str(model_dir), "--holdout-slides", args.holdout_slides,
-                             "--inject-noise", args.noise, "--seed", str(args.seed), "--mpp", "0.495"])
+        report = train.main(
+            [
+                "--data",
+                args.data,
+                "--out",
+                str(model_dir),
+                "--holdout-slides",
+                args.holdout_slides,
+                "--inject-noise",
+                args.noise,
+                "--seed",
+                str(args.seed),
+                "--mpp",
+                "0.495",
+            ]
+        )
         runtime = Runtime(model_dir)
         card = runtime.card
         held = set(args.holdout_slides.split(","))
@@ -90,7 +116,9 @@ def main(argv: list[str] | None = None) -> dict:
         tiles = [patches.paths[i] for i in idx]
         y = np.array([card.classes.index(patches.labels[i]) for i in idx])
         size = card.input_size
-        preds = [runtime.predict(pixels([Image.open(t) for t in tiles[s : s + 64]], size)) for s in range(0, len(tiles), 64)]
+        preds = [
+            runtime.predict(pixels([Image.open(t) for t in tiles[s : s + 64]], size)) for s in range(0, len(tiles), 64)
+        ]
         probs = np.concatenate([q.probabilities for q in preds])
         ind_scores = np.concatenate([q.ood_scores for q in preds])
         # undo the in-graph temperature to recover the uncalibrated probabilities
@@ -100,9 +128,14 @@ def main(argv: list[str] | None = None) -> dict:
         raw /= raw.sum(1, keepdims=True)
         kept = probs.max(1) >= runtime.abstain_threshold
         result = {
-            "data": args.data, "holdout_slides": sorted(held), "noise": args.noise, "n_test": len(y),
-            "temperature": t, "accuracy": float((probs.argmax(1) == y).mean()),
-            "ece_before": expected_calibration_error(raw, y), "ece_after": expected_calibration_error(probs, y),
+            "data": args.data,
+            "holdout_slides": sorted(held),
+            "noise": args.noise,
+            "n_test": len(y),
+            "temperature": t,
+            "accuracy": float((probs.argmax(1) == y).mean()),
+            "ece_before": expected_calibration_error(raw, y),
+            "ece_after": expected_calibration_error(probs, y),
             "ece_naive_temperature": report["confidence"]["test"]["ece_naive_temperature"],
             "abstain_threshold": runtime.abstain_threshold,
             "selective_accuracy": float((probs.argmax(1) == y)[kept].mean()) if kept.any() else None,
@@ -113,24 +146,34 @@ def main(argv: list[str] | None = None) -> dict:
         }
         all_ood = []
         for name, images in ood_sets(tiles, args.seed).items():
-            scores = np.concatenate([runtime.predict(pixels(images[s : s + 64], size)).ood_scores
-                                     for s in range(0, len(images), 64)])
+            scores = np.concatenate(
+                [runtime.predict(pixels(images[s : s + 64], size)).ood_scores for s in range(0, len(images), 64)]
+            )
             all_ood.append(scores)
             labels = np.r_[np.zeros(len(ind_scores)), np.ones(len(scores))]
-            result["ood"][name] = {"n": len(scores), "auroc": auroc(np.r_[ind_scores, scores], labels),
-                                   "flagged": float((scores > runtime.ood_threshold).mean())}
+            result["ood"][name] = {
+                "n": len(scores),
+                "auroc": auroc(np.r_[ind_scores, scores], labels),
+                "flagged": float((scores > runtime.ood_threshold).mean()),
+            }
         every = np.concatenate(all_ood)
         result["ood"]["all non-H&E"] = {
-            "n": len(every), "auroc": auroc(np.r_[ind_scores, every], np.r_[np.zeros(len(ind_scores)), np.ones(len(every))]),
-            "flagged": float((every > runtime.ood_threshold).mean())}
+            "n": len(every),
+            "auroc": auroc(np.r_[ind_scores, every], np.r_[np.zeros(len(ind_scores)), np.ones(len(every))]),
+            "flagged": float((every > runtime.ood_threshold).mean()),
+        }
         args.out.mkdir(parents=True, exist_ok=True)
-        reliability_diagram(args.out / "confidence.png", {"served, before calibration": (raw, y),
-                                                          "served, calibrated": (probs, y)})
+        reliability_diagram(
+            args.out / "confidence.png", {"served, before calibration": (raw, y), "served, calibrated": (probs, y)}
+        )
     lines = [
-        "# Confidence benchmark (generated by `benchmarks/confidence.py`)", "",
+        "# Confidence benchmark (generated by `benchmarks/confidence.py`)",
+        "",
         f"Training labels with `{args.noise}` noise; measured on held-out slides {', '.join(sorted(held))} "
-        f"(n={len(y)}, clean labels) through onnxruntime, as served.", "",
-        "| measure | value |", "|---|---|",
+        f"(n={len(y)}, clean labels) through onnxruntime, as served.",
+        "",
+        "| measure | value |",
+        "|---|---|",
         f"| accuracy | {100 * result['accuracy']:.1f} % |",
         f"| ECE before calibration | {result['ece_before']:.3f} |",
         f"| ECE after (served, temperature {t:.2f}) | {result['ece_after']:.3f} |",
@@ -139,8 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
         f"| selective accuracy at threshold | {100 * (result['selective_accuracy'] or 0):.1f} % |",
         f"| coverage at threshold | {100 * result['coverage']:.1f} % |",
         f"| OOD threshold / in-distribution tiles flagged | {result['ood_threshold']:.2f} / "
-        f"{100 * result['in_distribution_flagged']:.1f} % |", "",
-        "| out-of-distribution set | n | AUROC vs held-out H&E | flagged at threshold |", "|---|---|---|---|",
+        f"{100 * result['in_distribution_flagged']:.1f} % |",
+        "",
+        "| out-of-distribution set | n | AUROC vs held-out H&E | flagged at threshold |",
+        "|---|---|---|---|",
     ]
     for name, r in result["ood"].items():
         lines.append(f"| {name} | {r['n']} | {r['auroc']:.3f} | {100 * r['flagged']:.1f} % |")

@@ -94,20 +94,37 @@ def run_sweep(args: argparse.Namespace) -> dict:
             head, method, loss = methods[method_name]
             y_noisy = y.copy()
             y_noisy[pool] = inject(y[pool], noise, len(classes), seed)
-            config = TrainConfig(head=head, method=method, loss=loss, seed=seed, epochs=args.epochs,
-                                 knn_k=min(TrainConfig().knn_k, max(3, len(train_idx) // 20)))
+            config = TrainConfig(
+                head=head,
+                method=method,
+                loss=loss,
+                seed=seed,
+                epochs=args.epochs,
+                knn_k=min(TrainConfig().knn_k, max(3, len(train_idx) // 20)),
+            )
             t = time.perf_counter()
-            result = train_head(x[train_idx], y_noisy[train_idx], x[val_idx], y_noisy[val_idx], len(classes), config,
-                                monitor={"clean_val": (x[val_idx], y[val_idx]), "test": (x[test_idx], y[test_idx])})
+            result = train_head(
+                x[train_idx],
+                y_noisy[train_idx],
+                x[val_idx],
+                y_noisy[val_idx],
+                len(classes),
+                config,
+                monitor={"clean_val": (x[val_idx], y[val_idx]), "test": (x[test_idx], y[test_idx])},
+            )
             with torch.no_grad():
                 probs = torch.softmax(result.model(torch.from_numpy(x)), 1).numpy()
             best = result.history[result.best_epoch - 1]
             oracle = max(result.history, key=lambda h: h["clean_val"])
             record = {
-                "encoder": enc_label, "method": method_name, "noise": noise, "seed": seed,
+                "encoder": enc_label,
+                "method": method_name,
+                "noise": noise,
+                "seed": seed,
                 "test_accuracy": float((probs[test_idx].argmax(1) == y[test_idx]).mean()),
                 "test_accuracy_clean_selected": oracle["test"],
-                "best_epoch": result.best_epoch, "seconds": round(time.perf_counter() - t, 2),
+                "best_epoch": result.best_epoch,
+                "seconds": round(time.perf_counter() - t, 2),
             }
             assert abs(best["test"] - record["test_accuracy"]) < 1e-6
             if noise != "none" and method_name == "default":
@@ -122,11 +139,17 @@ def run_sweep(args: argparse.Namespace) -> dict:
             runs.append(record)
     sweep_seconds = time.perf_counter() - started
     return {
-        "data": str(args.data), "classes": classes, "test_slides": args.test_slides,
-        "val_slides": sorted(set(slides[val_idx])), "n_train": len(train_idx), "n_val": len(val_idx),
-        "n_test": len(test_idx), "seeds": args.seeds,
+        "data": str(args.data),
+        "classes": classes,
+        "test_slides": args.test_slides,
+        "val_slides": sorted(set(slides[val_idx])),
+        "n_train": len(train_idx),
+        "n_val": len(val_idx),
+        "n_test": len(test_idx),
+        "seeds": args.seeds,
         "default": "+".join(default_method()) + f" (k={TrainConfig().knn_k}, margin={TrainConfig().clean_margin})",
-        "sweep_seconds": round(sweep_seconds, 1), "runs": runs,
+        "sweep_seconds": round(sweep_seconds, 1),
+        "runs": runs,
     }
 
 
@@ -146,8 +169,11 @@ def finetune_baseline(args: argparse.Namespace, result: dict) -> list[dict]:
     for noise in args.finetune_noise:
         torch.manual_seed(0)
         encoder = build_encoder("efficientnet_lite0")
-        net = torch.nn.Sequential(Normalize(encoder.spec.mean, encoder.spec.std), encoder.features,
-                                  torch.nn.Linear(encoder.embedding_dim, len(classes)))
+        net = torch.nn.Sequential(
+            Normalize(encoder.spec.mean, encoder.spec.std),
+            encoder.features,
+            torch.nn.Linear(encoder.embedding_dim, len(classes)),
+        )
         for p in net.parameters():
             p.requires_grad_(True)
         net.train()
@@ -172,11 +198,22 @@ def finetune_baseline(args: argparse.Namespace, result: dict) -> list[dict]:
             epochs += 1
         net.eval()
         with torch.no_grad():
-            pred = np.concatenate([net(torch.from_numpy(np.stack([images[i] for i in test_idx[s : s + 64]])))
-                                   .argmax(1).numpy() for s in range(0, len(test_idx), 64)])
+            pred = np.concatenate(
+                [
+                    net(torch.from_numpy(np.stack([images[i] for i in test_idx[s : s + 64]]))).argmax(1).numpy()
+                    for s in range(0, len(test_idx), 64)
+                ]
+            )
         acc = float((pred == y[test_idx]).mean())
-        out.append({"noise": noise, "test_accuracy": acc, "images_seen": seen,
-                    "epochs": round(seen / len(train_idx), 2), "minutes": args.finetune_minutes})
+        out.append(
+            {
+                "noise": noise,
+                "test_accuracy": acc,
+                "images_seen": seen,
+                "epochs": round(seen / len(train_idx), 2),
+                "minutes": args.finetune_minutes,
+            }
+        )
         print(f"fine-tune {noise}: {acc:.3f} after {seen / len(train_idx):.1f} epochs", flush=True)
     return out
 
@@ -189,8 +226,15 @@ def summarise(result: dict) -> list[dict]:
     for (enc, method, noise), rs in rows.items():
         acc = np.array([r["test_accuracy"] for r in rs])
         oracle = np.array([r["test_accuracy_clean_selected"] for r in rs])
-        row = {"encoder": enc, "method": method, "noise": noise, "mean": float(acc.mean()), "std": float(acc.std()),
-               "clean_selected_mean": float(oracle.mean()), "n": len(rs)}
+        row = {
+            "encoder": enc,
+            "method": method,
+            "noise": noise,
+            "mean": float(acc.mean()),
+            "std": float(acc.std()),
+            "clean_selected_mean": float(oracle.mean()),
+            "n": len(rs),
+        }
         if "suspects_auroc" in rs[0]:
             row["suspects_auroc"] = float(np.mean([r["suspects_auroc"] for r in rs]))
             row["suspects_precision_at_n"] = float(np.mean([r["suspects_precision_at_n"] for r in rs]))
@@ -203,8 +247,9 @@ def write_markdown(result: dict, table: list[dict], path: Path) -> None:
     lines = [
         "# Noise-resilience benchmark (generated by `benchmarks/noise.py`)",
         "",
-        f"Data: `{result['data']}`; test slides {', '.join(result['test_slides'])} (clean labels, n={result['n_test']}); "
-        f"train n={result['n_train']}, noisy-validation slides {', '.join(result['val_slides'])} (n={result['n_val']}). "
+        f"Data: `{result['data']}`; test slides {', '.join(result['test_slides'])} "
+        f"(clean labels, n={result['n_test']}); train n={result['n_train']}, "
+        f"noisy-validation slides {', '.join(result['val_slides'])} (n={result['n_val']}). "
         f"Accuracy on the held-out slides, mean ± std over {result['seeds']} seeds; noise on train+val labels only. "
         f"Default of `training/train.py`: `{result['default']}`. Sweep time: {result['sweep_seconds']:.0f} s "
         f"on {result.get('machine', 'this machine')}.",
@@ -220,22 +265,40 @@ def write_markdown(result: dict, table: list[dict], path: Path) -> None:
             vals.append(f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}" if r else "")
         name = f"**{method}**" if method == "default" else method
         lines.append(f"| {enc} | {name} | " + " | ".join(vals) + " |")
-    lines += ["", "## Model selection on noisy vs clean validation labels (default method)", "",
-              "| encoder | noise | selected on noisy val | selected on clean val | gap |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Model selection on noisy vs clean validation labels (default method)",
+        "",
+        "| encoder | noise | selected on noisy val | selected on clean val | gap |",
+        "|---|---|---|---|---|",
+    ]
     for r in table:
         if r["method"] == "default":
             gap = 100 * (r["clean_selected_mean"] - r["mean"])
-            lines.append(f"| {r['encoder']} | {r['noise']} | {100 * r['mean']:.1f} | "
-                         f"{100 * r['clean_selected_mean']:.1f} | {gap:+.1f} |")
-    lines += ["", "## Suspected-mislabel ranking (default method, training tiles)", "",
-              "| encoder | noise | AUROC vs true flips | precision at n flipped |", "|---|---|---|---|"]
+            lines.append(
+                f"| {r['encoder']} | {r['noise']} | {100 * r['mean']:.1f} | "
+                f"{100 * r['clean_selected_mean']:.1f} | {gap:+.1f} |"
+            )
+    lines += [
+        "",
+        "## Suspected-mislabel ranking (default method, training tiles)",
+        "",
+        "| encoder | noise | AUROC vs true flips | precision at n flipped |",
+        "|---|---|---|---|",
+    ]
     for r in table:
         if "suspects_auroc" in r:
-            lines.append(f"| {r['encoder']} | {r['noise']} | {r['suspects_auroc']:.3f} | "
-                         f"{r['suspects_precision_at_n']:.3f} |")
+            lines.append(
+                f"| {r['encoder']} | {r['noise']} | {r['suspects_auroc']:.3f} | {r['suspects_precision_at_n']:.3f} |"
+            )
     if result.get("finetune"):
-        lines += ["", "## End-to-end fine-tuning baseline (ImageNet EfficientNet-Lite0, CE, 150 px, time-capped)", "",
-                  "| noise | test accuracy | epochs in cap |", "|---|---|---|"]
+        lines += [
+            "",
+            "## End-to-end fine-tuning baseline (ImageNet EfficientNet-Lite0, CE, 150 px, time-capped)",
+            "",
+            "| noise | test accuracy | epochs in cap |",
+            "|---|---|---|",
+        ]
         for r in result["finetune"]:
             lines.append(f"| {r['noise']} | {100 * r['test_accuracy']:.1f} | {r['epochs']} ({r['minutes']} min) |")
     write_atomic(path, "\n".join(lines) + "\n")
@@ -254,14 +317,25 @@ def plot(result: dict, table: list[dict], path: Path) -> None:
         levels = [n for n in result["noise_levels"] if n == "none" or n.startswith(kind)]
         rates = [0.0 if n == "none" else float(n.split(":")[1]) for n in levels]
         for enc, method in dict.fromkeys((r["encoder"], r["method"]) for r in table):
-            pts = [next((r for r in table if (r["encoder"], r["method"], r["noise"]) == (enc, method, n)), None)
-                   for n in levels]
+            pts = [
+                next((r for r in table if (r["encoder"], r["method"], r["noise"]) == (enc, method, n)), None)
+                for n in levels
+            ]
             if any(p is None for p in pts):
                 continue
             style = "-" if enc.startswith("imagenet-effnet-lite0-ms") else ("--" if "random" not in enc else ":")
             width = 3 if method == "default" else 1.2
-            ax.errorbar(rates, [100 * p["mean"] for p in pts], yerr=[100 * p["std"] for p in pts], ls=style,
-                        lw=width, marker="o", ms=3, capsize=2, label=f"{enc} · {method}")
+            ax.errorbar(
+                rates,
+                [100 * p["mean"] for p in pts],
+                yerr=[100 * p["std"] for p in pts],
+                ls=style,
+                lw=width,
+                marker="o",
+                ms=3,
+                capsize=2,
+                label=f"{enc} · {method}",
+            )
         ax.set_xlabel(f"{kind} label-noise rate (train + val)")
         ax.set_ylabel("accuracy on held-out slides (%)")
         ax.grid(alpha=0.3)

@@ -84,11 +84,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     args = p.parse_args(argv)
-    result = {"clients": args.clients, "batch": args.batch, "seconds": args.seconds,
-              "cpu_count": os.cpu_count()}
+    result = {"clients": args.clients, "batch": args.batch, "seconds": args.seconds, "cpu_count": os.cpu_count()}
     result["raw_onnxruntime"] = raw_throughput(args.batch, args.seconds)
-    for name, env in [("http_batched", {"HISTO_MAX_BATCH_SIZE": str(args.batch), "HISTO_MAX_LATENCY_MS": "10000"}),
-                      ("http_unbatched", {"HISTO_BATCHING": "0"})]:
+    for name, env in [
+        ("http_batched", {"HISTO_MAX_BATCH_SIZE": str(args.batch), "HISTO_MAX_LATENCY_MS": "10000"}),
+        ("http_unbatched", {"HISTO_BATCHING": "0"}),
+    ]:
         log = ROOT / "benchmarks" / "results" / "tmp" / f"serve-{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
         proc, url = start_server({**env, "HISTO_DEVICE": "cpu", "HISTO_MAX_BODY_MB": "32"}, log_path=log)

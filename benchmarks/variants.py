@@ -61,11 +61,14 @@ def main(argv: list[str] | None = None) -> dict:
             probs = session.run(["probabilities"], {"images": images})[0]
             if reference is None:
                 reference = probs
-            result["parity"][name] = {"max_abs_diff": float(np.abs(probs - reference).max()),
-                                      "top1_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()),
-                                      "size_mb": path.stat().st_size / 1e6}
+            result["parity"][name] = {
+                "max_abs_diff": float(np.abs(probs - reference).max()),
+                "top1_agreement": float((probs.argmax(1) == reference.argmax(1)).mean()),
+                "size_mb": path.stat().st_size / 1e6,
+            }
             result["images_per_s"][f"onnxruntime {name}"] = throughput(
-                lambda b, s=session: s.run(["probabilities"], {"images": b}), batch, args.seconds)
+                lambda b, s=session: s.run(["probabilities"], {"images": b}), batch, args.seconds
+            )
     encoder = build_encoder(card.encoder.id)
     head = load_head(ROOT / "models" / "default" / HEAD_FILE, card.head.kind, len(card.classes))
     normalize = Normalize(encoder.spec.mean, encoder.spec.std)
@@ -82,8 +85,10 @@ def main(argv: list[str] | None = None) -> dict:
         key = name.split()[-1]
         if name.startswith("onnxruntime"):
             par = result["parity"][key]
-            extra = (f"  ({ips / torch_ips:.2f}x torch; {par['size_mb']:.1f} MB; max|dp| {par['max_abs_diff']:.1e}, "
-                     f"top-1 agreement {100 * par['top1_agreement']:.1f} %)")
+            extra = (
+                f"  ({ips / torch_ips:.2f}x torch; {par['size_mb']:.1f} MB; max|dp| {par['max_abs_diff']:.1e}, "
+                f"top-1 agreement {100 * par['top1_agreement']:.1f} %)"
+            )
         lines.append(f"  {name:22s}: {ips:7.1f} images/s{extra}")
     print("\n".join(lines))
     result["report"] = lines

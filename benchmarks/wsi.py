@@ -56,9 +56,17 @@ def write_slide(path: Path, side: int, box: tuple[int, int, int, int], mpp: floa
             h = w = side // scale
             tiles = (_tile((h, w), box, y, x, scale) for y in range(0, h, TILE) for x in range(0, w, TILE))
             res = 10_000 / (mpp * scale)
-            tif.write(tiles, shape=(h, w, 3), dtype=np.uint8, tile=(TILE, TILE), photometric="rgb",
-                      compression="zlib", subfiletype=0 if scale == 1 else 1,
-                      resolution=(res, res), resolutionunit="CENTIMETER")
+            tif.write(
+                tiles,
+                shape=(h, w, 3),
+                dtype=np.uint8,
+                tile=(TILE, TILE),
+                photometric="rgb",
+                compression="zlib",
+                subfiletype=0 if scale == 1 else 1,
+                resolution=(res, res),
+                resolutionunit="CENTIMETER",
+            )
             if max(h, w) <= 2048:
                 break
             scale *= 2
@@ -69,18 +77,40 @@ def run_job(slide: Path, out: Path, batch: int, workers: int) -> dict:
     """Run the CLI in its own process; its peak RSS comes from the kernel's accounting for children."""
     code = (
         "import resource, sys, runpy; sys.argv = sys.argv[1:]; "
-        "rc = 0\ntry:\n    runpy.run_module('service.wsi', run_name='__main__')\nexcept SystemExit as e:\n    rc = e.code\n"
+        "rc = 0\ntry:\n    runpy.run_module('service.wsi', run_name='__main__')\n"
+        "except SystemExit as e:\n    rc = e.code\n"
         "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True); sys.exit(rc)"
     )
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, "wsi", str(slide), "--out", str(out), "--batch-size",
-                           str(batch), "--workers", str(workers)], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "wsi",
+            str(slide),
+            "--out",
+            str(out),
+            "--batch-size",
+            str(batch),
+            "--workers",
+            str(workers),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     peak = int(done.stdout.split("PEAK_RSS_KB")[1].split()[0])
     summary = json.loads((out / slide.stem / "summary.json").read_text())
-    return {"seconds": time.perf_counter() - started, "peak_rss_mb": peak / 1024, "tiles": summary["tiles"],
-            "job_seconds": summary["timings_s"]["total"], "summary": summary}
+    return {
+        "seconds": time.perf_counter() - started,
+        "peak_rss_mb": peak / 1024,
+        "tiles": summary["tiles"],
+        "job_seconds": summary["timings_s"]["total"],
+        "summary": summary,
+    }
 
 
 def raw_inference(slide: Path, out: Path, batch: int, limit: int) -> float:
@@ -122,8 +152,11 @@ def main(argv: list[str] | None = None) -> dict:
             run["end_to_end_tiles_per_s"] = run["tiles"] / run["job_seconds"]
             run.pop("summary")
             result["runs"][str(side)] = run
-            print(f"{side}x{side}: {run['tiles']} tiles, job {run['job_seconds']:.1f}s, "
-                  f"{run['end_to_end_tiles_per_s']:.1f} tiles/s, peak RSS {run['peak_rss_mb']:.0f} MB", flush=True)
+            print(
+                f"{side}x{side}: {run['tiles']} tiles, job {run['job_seconds']:.1f}s, "
+                f"{run['end_to_end_tiles_per_s']:.1f} tiles/s, peak RSS {run['peak_rss_mb']:.0f} MB",
+                flush=True,
+            )
         first = str(args.sizes[0])
         raw = raw_inference(tmp / f"slide{first}.tiff", tmp / "out", args.batch, limit=1024)
     result["raw_inference_tiles_per_s"] = raw
@@ -136,7 +169,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"raw inference, same tiles    : {raw:8.1f} tiles/s",
         f"end to end / raw             : {result['end_to_end_over_raw']:8.2f}  (target >= 0.9)",
         f"peak RSS {sizes[-1]} / {sizes[0]}     : {result['peak_rss_ratio']:8.2f}  (target <= 1.2; "
-        + ", ".join(f"{s}: {result['runs'][s]['peak_rss_mb']:.0f} MB" for s in sizes) + ")",
+        + ", ".join(f"{s}: {result['runs'][s]['peak_rss_mb']:.0f} MB" for s in sizes)
+        + ")",
     ]
     print("\n".join(lines))
     result["report"] = lines

@@ -264,9 +264,7 @@ def load_card(path: str | os.PathLike[str]) -> ModelCard:
         raise ModelLoadError(f"{path}: not valid JSON ({exc})") from exc
     version = raw.get("schema_version") if isinstance(raw, dict) else None
     if version != SCHEMA_VERSION:
-        raise ModelLoadError(
-            f"{path}: unknown schema_version {version!r}; this build reads version {SCHEMA_VERSION}"
-        )
+        raise ModelLoadError(f"{path}: unknown schema_version {version!r}; this build reads version {SCHEMA_VERSION}")
     try:
         return ModelCard.model_validate(raw)
     except ValidationError as exc:
@@ -309,7 +307,8 @@ def check_graph_signature(
     shape = inputs[INPUT_NAME]
     if len(shape) != 4 or shape[1:] != [card.input_size, card.input_size, 3]:
         raise ModelLoadError(
-            f"{where}: input {INPUT_NAME!r} has shape {shape}, card expects [N, {card.input_size}, {card.input_size}, 3]"
+            f"{where}: input {INPUT_NAME!r} has shape {shape}, "
+            f"card expects [N, {card.input_size}, {card.input_size}, 3]"
         )
     if PROBABILITIES_OUTPUT not in outputs:
         raise ModelLoadError(f"{where}: graph has no output {PROBABILITIES_OUTPUT!r} (outputs: {sorted(outputs)})")

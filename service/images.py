@@ -58,7 +58,8 @@ def load_rgb(data: bytes, name: str, input_size: int, min_side: int) -> np.ndarr
             if width * height > MAX_PIXELS:
                 raise BadImage(
                     f"{name}: declared size {width}x{height} exceeds the {MAX_PIXELS // 1_000_000} MPix limit "
-                    "(send patches, not slides)", 413
+                    "(send patches, not slides)",
+                    413,
                 )
             if image.format not in ALLOWED_FORMATS:
                 raise BadImage(f"{name}: format {image.format} not accepted (PNG, JPEG, TIFF, WebP)", 415)
@@ -74,7 +75,8 @@ def load_rgb(data: bytes, name: str, input_size: int, min_side: int) -> np.ndarr
     if min(width, height) < min_side:
         raise BadImage(
             f"{name}: {width}x{height} px is far smaller than the model's {min_side * 2} px patch "
-            f"(minimum side {min_side} px)", 422
+            f"(minimum side {min_side} px)",
+            422,
         )
     rgb = _to_rgb(image, name)
     if rgb.size != (input_size, input_size):

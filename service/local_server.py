@@ -21,7 +21,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(env_extra: dict[str, str], timeout: float = 120, log_path: Path | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    env_extra: dict[str, str], timeout: float = 120, log_path: Path | None = None
+) -> tuple[subprocess.Popen, str]:
     """`bentoml serve service.service:HistoClassifier` on a free port; returns (process, base URL) once ready."""
     port = free_port()
     env = {**os.environ, "HISTO_MODEL_DIR": str(ROOT / "models" / "default"), **env_extra}
@@ -29,7 +31,11 @@ def start_server(env_extra: dict[str, str], timeout: float = 120, log_path: Path
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
         [str(bentoml), "serve", "service.service:HistoClassifier", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout

@@ -144,7 +144,8 @@ class Runtime:
             raise ValueError(
                 f"expected uint8 [N, {self.input_size}, {self.input_size}, 3], got {images.dtype} {images.shape}"
             )
-        results = dict(zip(self._outputs, self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(images)})))
+        outputs = self.session.run(self._outputs, {INPUT_NAME: np.ascontiguousarray(images)})
+        results = dict(zip(self._outputs, outputs, strict=True))
         probabilities = results[PROBABILITIES_OUTPUT].astype(np.float32, copy=False)
         embeddings = results.get(EMBEDDINGS_OUTPUT)
         if embeddings is None:

@@ -94,13 +94,15 @@ class RequestGuard:
         body = b"".join(chunks)
         content_type = headers.get(b"content-type", b"").lower()
         if not content_type.startswith(b"multipart/form-data"):
-            return await _error(415, "not_multipart", "send patches as multipart/form-data files in the field "
-                                "'images'")(scope, receive, send)
+            return await _error(
+                415, "not_multipart", "send patches as multipart/form-data files in the field 'images'"
+            )(scope, receive, send)
         fields = {m.decode("latin-1") for m in _FIELD.findall(body)}
         if fields - {"images"} or not fields:
             detail = f"unexpected form field(s) {sorted(fields - {'images'})}; " if fields - {"images"} else ""
-            return await _error(422, "bad_form", detail + "send the patches as files in the form field "
-                                "'images'")(scope, receive, send)
+            return await _error(422, "bad_form", detail + "send the patches as files in the form field 'images'")(
+                scope, receive, send
+            )
         replayed = False
 
         async def replay():
@@ -113,8 +115,9 @@ class RequestGuard:
         return await self.app(scope, replay, send)
 
     async def _too_big(self, scope, receive, send):
-        return await _error(413, "body_too_large", f"request body over the {self.max_bytes} byte limit "
-                            "(HISTO_MAX_BODY_MB)")(scope, receive, send)
+        return await _error(
+            413, "body_too_large", f"request body over the {self.max_bytes} byte limit (HISTO_MAX_BODY_MB)"
+        )(scope, receive, send)
 
 
 @bentoml.service(name="histo_inference", workers=1, traffic={"timeout": 120, "max_concurrency": 256})
@@ -123,8 +126,13 @@ class Inference:
 
     def __init__(self) -> None:
         self.runtime = Runtime(_load_model_or_exit())
-        log.info("inference on %s, batching=%s max_batch_size=%d max_latency_ms=%d",
-                 self.runtime.providers[0], BATCHING, MAX_BATCH_SIZE, MAX_LATENCY_MS)
+        log.info(
+            "inference on %s, batching=%s max_batch_size=%d max_latency_ms=%d",
+            self.runtime.providers[0],
+            BATCHING,
+            MAX_BATCH_SIZE,
+            MAX_LATENCY_MS,
+        )
 
     @bentoml.api(batchable=BATCHING, max_batch_size=MAX_BATCH_SIZE, max_latency_ms=MAX_LATENCY_MS)
     def predict(self, images: np.ndarray) -> np.ndarray:
@@ -174,21 +182,29 @@ class HistoClassifier:
             return _error(exc.status, "bad_image", str(exc.bad), exc.index)
         out = await self._infer(pixels)
         if out is None:
-            return _error(503, "overloaded", "the inference queue is full or timed out; retry shortly "
-                          "(or raise HISTO_MAX_LATENCY_MS)")
+            return _error(
+                503,
+                "overloaded",
+                "the inference queue is full or timed out; retry shortly (or raise HISTO_MAX_LATENCY_MS)",
+            )
         probs, ood = out[:, :-1], out[:, -1]
         results = []
         for i, (name, p, score) in enumerate(zip(names, probs, ood, strict=True)):
             top = int(p.argmax())
             conf = float(p[top])
             has_ood = bool(np.isfinite(score)) and self.ood_threshold is not None
-            results.append(PatchResult(
-                index=i, name=name, label=self.card.classes[top], confidence=conf,
-                probabilities={c: float(v) for c, v in zip(self.card.classes, p, strict=True)},
-                abstained=None if self.abstain_threshold is None else conf < self.abstain_threshold,
-                ood_score=float(score) if np.isfinite(score) else None,
-                ood=bool(score > self.ood_threshold) if has_ood else None,
-            ))
+            results.append(
+                PatchResult(
+                    index=i,
+                    name=name,
+                    label=self.card.classes[top],
+                    confidence=conf,
+                    probabilities={c: float(v) for c, v in zip(self.card.classes, p, strict=True)},
+                    abstained=None if self.abstain_threshold is None else conf < self.abstain_threshold,
+                    ood_score=float(score) if np.isfinite(score) else None,
+                    ood=bool(score > self.ood_threshold) if has_ood else None,
+                )
+            )
         return ClassifyResponse(model=self.card.name, results=results)
 
     @bentoml.task(route="/classify_slide")

@@ -152,8 +152,15 @@ def tile_grid(
             if fraction >= min_tissue:
                 coords.append((int(x), int(y)))
                 fractions.append(fraction)
-    return TileGrid(side, level, level_ds, read_size, np.array(coords, dtype=np.int64).reshape(-1, 2),
-                    np.array(fractions), len(xs) * len(ys))
+    return TileGrid(
+        side,
+        level,
+        level_ds,
+        read_size,
+        np.array(coords, dtype=np.int64).reshape(-1, 2),
+        np.array(fractions),
+        len(xs) * len(ys),
+    )
 
 
 class TileReader:

@@ -41,8 +41,14 @@ Predict = Callable[[np.ndarray], Prediction]
 
 def _job_signature(path: Path, runtime: Runtime, mpp: float, min_tissue: float) -> dict:
     stat = path.stat()
-    return {"slide": path.name, "slide_size": stat.st_size, "slide_mtime": int(stat.st_mtime),
-            "model_sha256": runtime.card.onnx_sha256, "mpp": mpp, "min_tissue": min_tissue}
+    return {
+        "slide": path.name,
+        "slide_size": stat.st_size,
+        "slide_mtime": int(stat.st_mtime),
+        "model_sha256": runtime.card.onnx_sha256,
+        "mpp": mpp,
+        "min_tissue": min_tissue,
+    }
 
 
 def _read_partial(path: Path, n_fields: int) -> np.ndarray:
@@ -149,8 +155,12 @@ def classify_slide(
                     lines = []
                     for i, probs, score in zip(chunk, pred.probabilities, ood, strict=True):
                         x, y = grid.coords[i]
-                        lines.append(",".join([str(int(i)), str(int(x)), str(int(y)),
-                                               *(f"{p:.9g}" for p in probs), f"{score:.9g}"]) + "\n")
+                        lines.append(
+                            ",".join(
+                                [str(int(i)), str(int(x)), str(int(y)), *(f"{p:.9g}" for p in probs), f"{score:.9g}"]
+                            )
+                            + "\n"
+                        )
                     handle.write("".join(lines))
                     handle.flush()
                     os.fsync(handle.fileno())  # a completed batch survives SIGKILL
@@ -168,18 +178,36 @@ def classify_slide(
     write_geojson(out_dir / "predictions.geojson", rows, card.classes)
     thumb_ds = max(slide.dimensions) / 1024 if max(slide.dimensions) > 1024 else 1.0
     thumbnail = slide.get_thumbnail((int(slide.dimensions[0] / thumb_ds), int(slide.dimensions[1] / thumb_ds)))
-    write_heatmap(out_dir / "heatmap.png", thumbnail, slide.dimensions[0] / thumbnail.size[0], rows, card.classes,
-                  f"{path.name} — {card.name} ({len(rows)} tissue tiles at {card.mpp:g} µm/px)")
+    write_heatmap(
+        out_dir / "heatmap.png",
+        thumbnail,
+        slide.dimensions[0] / thumbnail.size[0],
+        rows,
+        card.classes,
+        f"{path.name} — {card.name} ({len(rows)} tissue tiles at {card.mpp:g} µm/px)",
+    )
     counts = {c: sum(r["label"] == c for r in rows) for c in card.classes}
     summary = {
-        "slide": str(path), "model": card.name, "model_sha256": card.onnx_sha256,
-        "mpp": level0_mpp, "mpp_source": mpp_source, "model_mpp": card.mpp,
-        "tile_side_level0_px": grid.side, "read_level": grid.level, "grid_tiles": grid.n_grid,
-        "tiles": len(rows), "tissue_area_mm2": float(mask.sum() * (mask_ds * level0_mpp) ** 2 / 1e6),
-        "class_counts": counts, "class_fractions": {c: (n / len(rows) if rows else 0.0) for c, n in counts.items()},
-        "abstained": sum(r["abstained"] is True for r in rows), "ood": sum(r["ood"] is True for r in rows),
-        "timings_s": {"total": round(time.perf_counter() - started, 3), "waiting_for_tiles": round(t_read, 3),
-                      "inference": round(t_infer, 3)},
+        "slide": str(path),
+        "model": card.name,
+        "model_sha256": card.onnx_sha256,
+        "mpp": level0_mpp,
+        "mpp_source": mpp_source,
+        "model_mpp": card.mpp,
+        "tile_side_level0_px": grid.side,
+        "read_level": grid.level,
+        "grid_tiles": grid.n_grid,
+        "tiles": len(rows),
+        "tissue_area_mm2": float(mask.sum() * (mask_ds * level0_mpp) ** 2 / 1e6),
+        "class_counts": counts,
+        "class_fractions": {c: (n / len(rows) if rows else 0.0) for c, n in counts.items()},
+        "abstained": sum(r["abstained"] is True for r in rows),
+        "ood": sum(r["ood"] is True for r in rows),
+        "timings_s": {
+            "total": round(time.perf_counter() - started, 3),
+            "waiting_for_tiles": round(t_read, 3),
+            "inference": round(t_infer, 3),
+        },
         "job": signature,
     }
     write_summary(summary_path, summary)
@@ -201,11 +229,16 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    p = argparse.ArgumentParser(prog="python -m service.wsi", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m service.wsi",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("slides", nargs="+", help="slide files or folders of slides")
     p.add_argument("--out", required=True, type=Path, help="output folder (one sub-folder per slide)")
-    p.add_argument("--model", type=Path, default=None, help="model directory (default $HISTO_MODEL_DIR or models/default)")
+    p.add_argument(
+        "--model", type=Path, default=None, help="model directory (default $HISTO_MODEL_DIR or models/default)"
+    )
     p.add_argument("--mpp", type=float, default=None, help="override the slides' level-0 µm/px")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="tile-reading threads")
@@ -223,8 +256,15 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if not path.is_file():
                 raise SlideError(f"{path}: no such file")
-            summary = classify_slide(path, runtime, out_dir, mpp=args.mpp, batch_size=args.batch_size,
-                                     workers=args.workers, min_tissue=args.min_tissue)
+            summary = classify_slide(
+                path,
+                runtime,
+                out_dir,
+                mpp=args.mpp,
+                batch_size=args.batch_size,
+                workers=args.workers,
+                min_tissue=args.min_tissue,
+            )
             print(f"{path.name}: {summary['tiles']} tiles -> {out_dir}/")
         except (SlideError, OSError, ValueError) as exc:
             failures.append({"slide": str(path), "error": str(exc)})

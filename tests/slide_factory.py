@@ -30,12 +30,20 @@ def write_pyramid(path: Path, image: np.ndarray, mpp: float | None, levels: int 
     with tifffile.TiffWriter(path, bigtiff=False) as tif:
         current = image
         for level in range(levels):
-            tif.write(current, tile=(tile, tile), photometric="rgb", compression="zlib",
-                      subfiletype=0 if level == 0 else 1, **extra)
+            tif.write(
+                current,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression="zlib",
+                subfiletype=0 if level == 0 else 1,
+                **extra,
+            )
             if level + 1 < levels:
                 h, w = current.shape[:2]
                 current = np.asarray(Image.fromarray(current).resize((max(1, w // 2), max(1, h // 2)), Image.BILINEAR))
                 if mpp is not None:
-                    extra = {"resolution": (extra["resolution"][0] / 2, extra["resolution"][1] / 2),
-                             "resolutionunit": "CENTIMETER"}
+                    extra = {
+                        "resolution": (extra["resolution"][0] / 2, extra["resolution"][1] / 2),
+                        "resolutionunit": "CENTIMETER",
+                    }
     return path

@@ -93,7 +93,8 @@ def test_default_model_serves_without_torch_and_matches_torch(tmp_path):
         "from PIL import Image\n"
         "from service.runtime import Runtime\n"
         "r = Runtime('models/default')\n"
-        "x = np.stack([np.asarray(Image.open(p).convert('RGB').resize((224, 224), Image.BILINEAR)) for p in sys.argv[1:]])\n"
+        "x = np.stack([np.asarray(Image.open(p).convert('RGB').resize((224, 224), Image.BILINEAR))\n"
+        "              for p in sys.argv[1:]])\n"
         f"np.save({str(tmp_path / 'probs.npy')!r}, r.predict(x).probabilities)\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

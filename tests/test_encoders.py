@@ -60,8 +60,13 @@ def _timm_vit_to_hf(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "layernorm.bias": state["norm.bias"],
         "pooler.dense.weight": torch.zeros(768, 768),
     }
-    names = {"attn.proj": "attention.output.dense", "norm1": "layernorm_before", "norm2": "layernorm_after",
-             "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}
+    names = {
+        "attn.proj": "attention.output.dense",
+        "norm1": "layernorm_before",
+        "norm2": "layernorm_after",
+        "mlp.fc1": "intermediate.dense",
+        "mlp.fc2": "output.dense",
+    }
     for key, value in state.items():
         m = re.match(r"blocks\.(\d+)\.(.+)\.(weight|bias)$", key)
         if not m:

@@ -51,8 +51,7 @@ def test_hed_jitter_keeps_images_valid_and_changes_stain():
 
 def test_cli_saves_a_registry_encoder_and_resumes(tmp_path, caplog):
     out = tmp_path / "enc"
-    common = ["--tiles", str(FIXTURES), "--out", str(out), "--image-size", "64", "--batch-size", "16",
-              "--workers", "0"]
+    common = ["--tiles", str(FIXTURES), "--out", str(out), "--image-size", "64", "--batch-size", "16", "--workers", "0"]
     first = pretrain.main([*common, "--epochs", "1"])
     assert len(first["history"]) == 1
     desc = json.loads((out / "encoder.json").read_text())
@@ -91,8 +90,9 @@ def test_bad_inputs_are_clear_errors_before_training(tmp_path, capsys):
     err = _error(capsys, "--tiles", str(small), "--out", str(tmp_path / "o2"), "--image-size", "160")
     assert "smaller than" in err
 
-    assert "unknown encoder 'nope'" in _error(capsys, "--tiles", str(FIXTURES), "--out", str(tmp_path / "o3"),
-                                              "--init", "nope")
+    assert "unknown encoder 'nope'" in _error(
+        capsys, "--tiles", str(FIXTURES), "--out", str(tmp_path / "o3"), "--init", "nope"
+    )
 
     other = tmp_path / "o4"
     other.mkdir()

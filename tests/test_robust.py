@@ -21,8 +21,13 @@ FIXTURES = Path(__file__).parent / "fixtures" / "kather"
 def fixture_embeddings(tmp_path_factory):
     patches = load_patches(FIXTURES)
     encoder = build_encoder("efficientnet_lite0_ms")
-    x, _ = embed_files(encoder, patches.paths, [file_sha256(p) for p in patches.paths],
-                       cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+    x, _ = embed_files(
+        encoder,
+        patches.paths,
+        [file_sha256(p) for p in patches.paths],
+        cache_dir=tmp_path_factory.mktemp("cache"),
+        progress=False,
+    )
     y = np.array([patches.classes.index(label) for label in patches.labels])
     return x, y, len(patches.classes)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import io
 import re
-import time
 import struct
+import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,7 +88,7 @@ CONVERTIBLE = {
     "grey.png": lambda t: _png(Image.open(t).convert("L")),
     "rgba.png": lambda t: _png(Image.open(t).convert("RGBA")),
     "palette.png": lambda t: _png(Image.open(t).convert("P")),
-    "grey16.png": lambda t: _png(Image.fromarray((np.asarray(Image.open(t).convert("L"), np.uint16) * 257))),
+    "grey16.png": lambda t: _png(Image.fromarray(np.asarray(Image.open(t).convert("L"), np.uint16) * 257)),
     "cmyk.jpg": lambda t: _png(Image.open(t).convert("CMYK"), "JPEG"),
     "tile.tif": lambda t: _png(Image.open(t).convert("RGB"), "TIFF"),
     "tile.jpg": lambda t: _png(Image.open(t).convert("RGB"), "JPEG", quality=95),
@@ -149,7 +149,9 @@ def test_requests_without_files(served):
 
 def _batch_stats(url: str) -> tuple[float, float]:
     text = requests.get(f"{url}/metrics", timeout=10).text
-    count = sum(float(v) for v in re.findall(r'adaptive_batch_size_count\{[^}]*method_name="predict"[^}]*\} (\S+)', text))
+    count = sum(
+        float(v) for v in re.findall(r'adaptive_batch_size_count\{[^}]*method_name="predict"[^}]*\} (\S+)', text)
+    )
     total = sum(float(v) for v in re.findall(r'adaptive_batch_size_sum\{[^}]*method_name="predict"[^}]*\} (\S+)', text))
     return count, total
 
@@ -168,8 +170,9 @@ def test_concurrent_requests_are_batched_and_answers_match(served):
         assert response.status_code == 200
         result = response.json()["results"][0]
         assert result["label"] == single["label"]
-        np.testing.assert_allclose(list(result["probabilities"].values()), list(single["probabilities"].values()),
-                                   atol=1e-5)
+        np.testing.assert_allclose(
+            list(result["probabilities"].values()), list(single["probabilities"].values()), atol=1e-5
+        )
 
 
 def _run_slide_task(url: str, name: str, data: bytes) -> requests.Response:

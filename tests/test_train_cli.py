@@ -30,9 +30,26 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "model"
     cache = tmp_path_factory.mktemp("cache")
-    args = ["--data", str(FIXTURES), "--out", str(out), "--holdout-slides", "CRC-Prim-HE-07",
-            "--inject-noise", "uniform:0.4", "--knn-k", "5", "--epochs", "40", "--mpp", "0.495",
-            "--cache-dir", str(cache), "--variants", "fp16,int8"]
+    args = [
+        "--data",
+        str(FIXTURES),
+        "--out",
+        str(out),
+        "--holdout-slides",
+        "CRC-Prim-HE-07",
+        "--inject-noise",
+        "uniform:0.4",
+        "--knn-k",
+        "5",
+        "--epochs",
+        "40",
+        "--mpp",
+        "0.495",
+        "--cache-dir",
+        str(cache),
+        "--variants",
+        "fp16,int8",
+    ]
     first = _run_cli(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     second = _run_cli(*[a if a != str(out) else str(out) + "_again" for a in args])
@@ -87,8 +104,8 @@ def test_exported_graph_matches_torch_at_batch_1_and_17(trained):
     with torch.no_grad():
         emb = encoder(Normalize(encoder.spec.mean, encoder.spec.std)(torch.from_numpy(images))).numpy()
     for n in (1, 17):
-        probs, embeddings = session.run(None, {"images": images[:n]})
-        assert probs.shape == (n, len(card.classes)) and embeddings.shape == (n, 992)
+        probs, embeddings, ood = session.run(None, {"images": images[:n]})
+        assert probs.shape == (n, len(card.classes)) and embeddings.shape == (n, 992) and ood.shape == (n,)
         np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
         np.testing.assert_allclose(embeddings, emb[:n], atol=1e-4, rtol=1e-4)
 
@@ -137,8 +154,21 @@ def test_unreadable_image_is_skipped_and_reported(tmp_path, capsys):
     shutil.copytree(FIXTURES, data)
     broken = data / "01_TUMOR" / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    report = train.main(["--data", str(data), "--out", str(tmp_path / "out"), "--no-export", "--knn-k", "5",
-                         "--epochs", "5", "--cache-dir", str(tmp_path / "cache")])
+    report = train.main(
+        [
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-export",
+            "--knn-k",
+            "5",
+            "--epochs",
+            "5",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
     assert report["data"]["n"] == 81
     assert [p for p, _ in report["data"]["skipped"]] == [str(broken)]
     assert "broken.png" in capsys.readouterr().err
@@ -146,6 +176,18 @@ def test_unreadable_image_is_skipped_and_reported(tmp_path, capsys):
 
 def test_help_documents_every_option():
     text = train.build_parser().format_help()
-    for option in ("--data", "--out", "--test", "--encoder", "--weights", "--head", "--method", "--loss",
-                   "--inject-noise", "--seed", "--holdout-slides", "--variants"):
+    for option in (
+        "--data",
+        "--out",
+        "--test",
+        "--encoder",
+        "--weights",
+        "--head",
+        "--method",
+        "--loss",
+        "--inject-noise",
+        "--seed",
+        "--holdout-slides",
+        "--variants",
+    ):
         assert option in text

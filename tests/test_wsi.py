@@ -114,8 +114,14 @@ def test_outputs_of_a_slide(slides, runtime, tmp_path):
 
 
 def _run_cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "service.wsi", *args], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "service.wsi", *args],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def test_unreadable_slide_among_good_ones(slides, tmp_path):
@@ -165,8 +171,9 @@ def test_kill_and_resume_gives_the_uninterrupted_outputs(tmp_path):
     assert [(r["x"], r["y"]) for r in resumed] == [(r["x"], r["y"]) for r in ref]  # none missing, none twice
     assert [r["label"] for r in resumed] == [r["label"] for r in ref]
     cols = [c for c in ref[0] if c.startswith("prob_")]
-    np.testing.assert_allclose([[float(r[c]) for c in cols] for r in resumed],
-                               [[float(r[c]) for c in cols] for r in ref], atol=1e-5)
+    np.testing.assert_allclose(
+        [[float(r[c]) for c in cols] for r in resumed], [[float(r[c]) for c in cols] for r in ref], atol=1e-5
+    )
     ref_geo = json.loads((tmp_path / "ref" / "full" / "predictions.geojson").read_text())
     res_geo = json.loads((tmp_path / "resumed" / "full" / "predictions.geojson").read_text())
     assert [f["geometry"] for f in res_geo["features"]] == [f["geometry"] for f in ref_geo["features"]]

@@ -74,9 +74,7 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return float(ece)
 
 
-def selective_threshold(
-    probs: np.ndarray, labels: np.ndarray | None, target: float
-) -> tuple[float, float, float]:
+def selective_threshold(probs: np.ndarray, labels: np.ndarray | None, target: float) -> tuple[float, float, float]:
     """Lowest confidence threshold whose kept predictions reach ``target`` accuracy.
 
     With ``labels=None`` the accuracy of each prediction is estimated by its own (calibrated)

@@ -50,7 +50,10 @@ class PatchSet:
     def subset(self, index: np.ndarray | list[int]) -> PatchSet:
         index = list(map(int, index))
         return PatchSet(
-            [self.paths[i] for i in index], [self.labels[i] for i in index], [self.slides[i] for i in index], self.source
+            [self.paths[i] for i in index],
+            [self.labels[i] for i in index],
+            [self.slides[i] for i in index],
+            self.source,
         )
 
 
@@ -69,9 +72,7 @@ def _readable(path: Path) -> str | None:
         return f"{type(exc).__name__}: {exc}"
 
 
-def load_patches(
-    source: str | Path, *, slide_regex: str = DEFAULT_SLIDE_REGEX, check_images: bool = True
-) -> PatchSet:
+def load_patches(source: str | Path, *, slide_regex: str = DEFAULT_SLIDE_REGEX, check_images: bool = True) -> PatchSet:
     """Read a class-folder tree or a CSV with ``path,label`` (optional ``slide``) columns.
 
     Unreadable images are reported and skipped (not fatal); a missing path, an empty class
@@ -153,9 +154,7 @@ def data_sha256(patches: PatchSet, file_hashes: list[str]) -> str:
     return digest.hexdigest()
 
 
-def slide_split(
-    slides: list[str], labels: np.ndarray, val_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
+def slide_split(slides: list[str], labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Split indices into train/validation by slide, keeping every class in training.
 
     Falls back to a stratified random split when fewer than three slides are known (e.g. a CSV

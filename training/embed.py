@@ -59,7 +59,9 @@ class EmbeddingCache:
     """One ``.npz`` per encoder identity: file sha256 → embedding row."""
 
     def __init__(self, encoder: FrozenEncoder, cache_dir: Path | None = None) -> None:
-        self.path = (cache_dir or default_cache_dir()) / f"{encoder.spec.name.replace('/', '_')}-{encoder.cache_key}.npz"
+        self.path = (
+            cache_dir or default_cache_dir()
+        ) / f"{encoder.spec.name.replace('/', '_')}-{encoder.cache_key}.npz"
         self.rows: dict[str, np.ndarray] = {}
         if self.path.is_file():
             try:
@@ -98,9 +100,10 @@ def embed_files(
         size = encoder.spec.input_size
         computed: dict[str, np.ndarray] = {}
         batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-        with ThreadPoolExecutor(max_workers=2) as pool, tqdm(
-            total=len(todo), desc=f"embedding ({encoder.spec.name})", unit="img", disable=not progress
-        ) as bar:
+        with (
+            ThreadPoolExecutor(max_workers=2) as pool,
+            tqdm(total=len(todo), desc=f"embedding ({encoder.spec.name})", unit="img", disable=not progress) as bar,
+        ):
             decoded = pool.map(lambda b: np.stack([load_rgb_resized(paths[i], size) for i in b]), batches)
             for batch, pixels in zip(batches, decoded, strict=True):
                 out = encoder(normalize(torch.from_numpy(pixels))).numpy().astype(np.float32)

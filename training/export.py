@@ -129,10 +129,17 @@ def parity_check(reference: np.ndarray, path: Path, images: np.ndarray, variant:
     agreement = float((probs.argmax(1) == reference.argmax(1)).mean())
     tolerance = PARITY_TOLERANCE[variant]
     if variant == "int8":
-        return ParityResult(max_abs_diff=diff, top1_agreement=agreement, criterion="top1_agreement",
-                            tolerance=tolerance, n_images=len(images), passed=agreement >= tolerance)
-    return ParityResult(max_abs_diff=diff, top1_agreement=agreement, tolerance=tolerance, n_images=len(images),
-                        passed=diff <= tolerance)
+        return ParityResult(
+            max_abs_diff=diff,
+            top1_agreement=agreement,
+            criterion="top1_agreement",
+            tolerance=tolerance,
+            n_images=len(images),
+            passed=agreement >= tolerance,
+        )
+    return ParityResult(
+        max_abs_diff=diff, top1_agreement=agreement, tolerance=tolerance, n_images=len(images), passed=diff <= tolerance
+    )
 
 
 def fp16_variant(src: Path, dst: Path) -> None:
@@ -163,8 +170,13 @@ def int8_variant(src: Path, dst: Path, calibration: np.ndarray) -> None:
         pre = Path(tmp) / "pre.onnx"
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
         quantize_static(
-            str(pre), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+            str(pre),
+            str(dst),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
             nodes_to_exclude=_head_nodes(pre),
         )
     root.setLevel(level)

@@ -31,9 +31,12 @@ def make_head(kind: str, dim: int, n_classes: int, mean: torch.Tensor, std: torc
     if kind == "mlp":
         return nn.Sequential(
             scale,
-            nn.Linear(dim, 512), nn.ReLU(),
-            nn.Linear(512, 128), nn.ReLU(),
-            nn.Linear(128, 64), nn.ReLU(),
+            nn.Linear(dim, 512),
+            nn.ReLU(),
+            nn.Linear(512, 128),
+            nn.ReLU(),
+            nn.Linear(128, 64),
+            nn.ReLU(),
             nn.Linear(64, n_classes),
         )
     raise ValueError(f"unknown head {kind!r}; choose from {', '.join(HEADS)}")

@@ -31,8 +31,10 @@ class MahalanobisScore(nn.Module):
         whiten = comps / var.sqrt()[:, None]
         proj = z @ whiten.T
         centres = torch.stack(
-            [proj[torch.from_numpy(labels == c)].mean(0) if (labels == c).any() else proj.mean(0)
-             for c in range(n_classes)]
+            [
+                proj[torch.from_numpy(labels == c)].mean(0) if (labels == c).any() else proj.mean(0)
+                for c in range(n_classes)
+            ]
         )
         residual = z - (z @ comps.T) @ comps
         res_var = (residual**2).sum(1).mean().clamp_min(1e-6)

@@ -67,18 +67,20 @@ class Rot90(nn.Module):
 
 def histology_views(size: int) -> v2.Compose:
     """One random view of a tile; two calls give the SimCLR positive pair."""
-    return v2.Compose([
-        v2.ToImage(),
-        v2.RandomResizedCrop(size, scale=(0.4, 1.0), ratio=(0.8, 1.25), antialias=True),
-        v2.RandomHorizontalFlip(),
-        v2.RandomVerticalFlip(),
-        Rot90(),
-        v2.ToDtype(torch.float32, scale=True),
-        v2.RandomApply([HEDJitter(0.05, 0.02)], p=0.8),
-        v2.RandomApply([v2.ColorJitter(0.25, 0.25, 0.15, 0.03)], p=0.8),
-        v2.RandomGrayscale(p=0.1),
-        v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 1.5))], p=0.3),
-    ])
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(size, scale=(0.4, 1.0), ratio=(0.8, 1.25), antialias=True),
+            v2.RandomHorizontalFlip(),
+            v2.RandomVerticalFlip(),
+            Rot90(),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.RandomApply([HEDJitter(0.05, 0.02)], p=0.8),
+            v2.RandomApply([v2.ColorJitter(0.25, 0.25, 0.15, 0.03)], p=0.8),
+            v2.RandomGrayscale(p=0.1),
+            v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 1.5))], p=0.3),
+        ]
+    )
 
 
 def list_tiles(source: Path, min_side: int) -> list[Path]:
@@ -149,8 +151,11 @@ class SimCLR(nn.Module):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="training/pretrain.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="training/pretrain.py",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--tiles", required=True, help="folder of tiles (recursive) or CSV with a path column")
     p.add_argument("--out", required=True, help="output folder: encoder.safetensors, encoder.json, checkpoint.pt")
     p.add_argument("--init", default="efficientnet_lite0_ms", help="registry encoder to start from")
@@ -199,9 +204,15 @@ def main(argv: list[str] | None = None) -> dict:
     criterion = NTXentLoss(temperature=args.temperature)
     dataset = TileViews(tiles, args.image_size, spec.mean, spec.std)
     generator = torch.Generator().manual_seed(args.seed + first_epoch)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
-                                         num_workers=args.workers, generator=generator,
-                                         persistent_workers=args.workers > 0)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=True,
+        num_workers=args.workers,
+        generator=generator,
+        persistent_workers=args.workers > 0,
+    )
     deadline = time.monotonic() + 60 * args.max_minutes if args.max_minutes else math.inf
     started = time.monotonic()
     out.mkdir(parents=True, exist_ok=True)
@@ -231,8 +242,13 @@ def main(argv: list[str] | None = None) -> dict:
 
 def _checkpoint(path: Path, args, model, optimizer, scheduler, epoch: int, history: list[dict]) -> None:
     state = {
-        "init": args.init, "image_size": args.image_size, "epoch": epoch, "history": history,
-        "model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "init": args.init,
+        "image_size": args.image_size,
+        "epoch": epoch,
+        "history": history,
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
     }
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
@@ -246,8 +262,11 @@ def _resume(path: Path, args, model, optimizer, scheduler) -> tuple[int, list[di
         print(f"error: {path}: cannot read checkpoint ({exc})", file=sys.stderr)
         raise SystemExit(2) from None
     if state.get("init") != args.init or state["model"].keys() != model.state_dict().keys():
-        print(f"error: {path}: checkpoint is from encoder {state.get('init')!r}, not {args.init!r} "
-              "(delete it or pick another --out)", file=sys.stderr)
+        print(
+            f"error: {path}: checkpoint is from encoder {state.get('init')!r}, not {args.init!r} "
+            "(delete it or pick another --out)",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
@@ -273,8 +292,10 @@ def _save_encoder(out: Path, args, spec, model: SimCLR, n_tiles: int, history: l
         "mean": list(spec.mean),
         "std": list(spec.std),
         "mpp": args.mpp if args.mpp is not None else spec.mpp,
-        "pretraining": (f"SimCLR (NT-Xent t={args.temperature}) on {n_tiles} unlabelled tiles from {args.tiles}, "
-                        f"{len(history)} epochs, init {'random' if args.from_scratch else args.init}, seed {args.seed}"),
+        "pretraining": (
+            f"SimCLR (NT-Xent t={args.temperature}) on {n_tiles} unlabelled tiles from {args.tiles}, "
+            f"{len(history)} epochs, init {'random' if args.from_scratch else args.init}, seed {args.seed}"
+        ),
         "description": f"{spec.description} Contrastively pre-trained in-domain (training/pretrain.py).",
         "history": history,
         "created": datetime.now(UTC).isoformat(),

@@ -79,23 +79,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="training patches: class-folder tree or CSV (path,label[,slide])")
     p.add_argument("--out", required=True, help="output model directory (model.onnx, card.json, reports)")
     p.add_argument("--test", help="clean held-out patches (folder or CSV) for test metrics; never noised")
-    p.add_argument("--holdout-slides", default="", metavar="ID,ID",
-                   help="slide ids to move from --data into a clean test set (labels as given, never noised)")
-    p.add_argument("--encoder", default="efficientnet_lite0_ms",
-                   help="registry name, timm model name, or a pretrain.py output folder")
+    p.add_argument(
+        "--holdout-slides",
+        default="",
+        metavar="ID,ID",
+        help="slide ids to move from --data into a clean test set (labels as given, never noised)",
+    )
+    p.add_argument(
+        "--encoder",
+        default="efficientnet_lite0_ms",
+        help="registry name, timm model name, or a pretrain.py output folder",
+    )
     p.add_argument("--weights", help="local weights file for the encoder (safetensors or torch checkpoint)")
     p.add_argument("--head", choices=HEADS, default=defaults.head, help="classification head")
     p.add_argument("--method", choices=METHODS, default=defaults.method, help="noise-robust method")
     p.add_argument("--loss", choices=sorted(LOSSES), default=defaults.loss, help="training loss")
-    p.add_argument("--inject-noise", default=None, metavar="KIND:RATE",
-                   help="experiments only: flip training labels, e.g. uniform:0.4 or asym:0.4")
+    p.add_argument(
+        "--inject-noise",
+        default=None,
+        metavar="KIND:RATE",
+        help="experiments only: flip training labels, e.g. uniform:0.4 or asym:0.4",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for noise, split and training")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum epochs (early stopping on noisy val)")
     p.add_argument("--patience", type=int, default=defaults.patience, help="early-stopping patience in epochs")
     p.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate")
     p.add_argument("--knn-k", type=int, default=defaults.knn_k, help="neighbours for kNN cleaning and suspects")
-    p.add_argument("--clean-margin", type=float, default=defaults.clean_margin,
-                   help="kNN cleaning relabels a tile only when the neighbours' top class leads its label by this")
+    p.add_argument(
+        "--clean-margin",
+        type=float,
+        default=defaults.clean_margin,
+        help="kNN cleaning relabels a tile only when the neighbours' top class leads its label by this",
+    )
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of tiles (whole slides) held for noisy val")
     p.add_argument("--mpp", type=float, default=0.5, help="micrometres per pixel of the training patches")
     p.add_argument("--slide-regex", default=DEFAULT_SLIDE_REGEX, help="regex whose group 1 is the slide id in a name")
@@ -103,11 +118,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default ~/.cache/histo-robust)")
     p.add_argument("--no-cache", action="store_true", help="recompute embeddings, do not read or write the cache")
     p.add_argument("--variants", default="", help="extra ONNX variants, comma-separated: fp16,int8")
-    p.add_argument("--calibration", choices=("cleaned", "transition", "none"), default="cleaned",
-                   help="noise-aware temperature fit: on kNN-cleaned validation labels, through an estimated "
-                        "noise transition, or none")
-    p.add_argument("--target-selective-accuracy", type=float, default=0.90,
-                   help="abstain below the confidence at which kept predictions reach this accuracy")
+    p.add_argument(
+        "--calibration",
+        choices=("cleaned", "transition", "none"),
+        default="cleaned",
+        help="noise-aware temperature fit: on kNN-cleaned validation labels, through an estimated "
+        "noise transition, or none",
+    )
+    p.add_argument(
+        "--target-selective-accuracy",
+        type=float,
+        default=0.90,
+        help="abstain below the confidence at which kept predictions reach this accuracy",
+    )
     p.add_argument("--name", default=None, help="model name in the card (default: OUT folder name)")
     p.add_argument("--no-export", action="store_true", help="skip the ONNX export (reports only)")
     return p
@@ -144,7 +167,10 @@ def main(argv: list[str] | None = None) -> dict:
             _fail("use either --test or --holdout-slides, not both")
         wanted = {s.strip() for s in args.holdout_slides.split(",") if s.strip()}
         if missing := sorted(wanted - set(patches.slides)):
-            _fail(f"--holdout-slides: no tiles of {missing} in {args.data} (slide ids found: {sorted(set(patches.slides))})")
+            _fail(
+                f"--holdout-slides: no tiles of {missing} in {args.data} "
+                f"(slide ids found: {sorted(set(patches.slides))})"
+            )
         held = np.array([s in wanted for s in patches.slides])
         test = patches.subset(np.flatnonzero(held))
         test.source = f"{args.data} slides {','.join(sorted(wanted))}"
@@ -178,8 +204,15 @@ def main(argv: list[str] | None = None) -> dict:
     y_noisy = inject(y_given, args.inject_noise, len(classes), args.seed)
     train_idx, val_idx = slide_split(patches.slides, y_noisy, args.val_fraction, args.seed)
     config = TrainConfig(
-        head=args.head, method=args.method, loss=args.loss, epochs=args.epochs, patience=args.patience,
-        lr=args.lr, knn_k=args.knn_k, clean_margin=args.clean_margin, seed=args.seed,
+        head=args.head,
+        method=args.method,
+        loss=args.loss,
+        epochs=args.epochs,
+        patience=args.patience,
+        lr=args.lr,
+        knn_k=args.knn_k,
+        clean_margin=args.clean_margin,
+        seed=args.seed,
     )
     t = time.perf_counter()
     result = train_head(x_all[train_idx], y_noisy[train_idx], x_all[val_idx], y_noisy[val_idx], len(classes), config)
@@ -188,16 +221,21 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- noise-aware calibration, abstention threshold and OOD scorer: noisy labels only
     votes = knn_votes(x_all, y_noisy, len(classes), args.knn_k)
-    confidence = _fit_confidence(args, head, x_all, x_test, test, classes, votes, y_noisy, train_idx, val_idx,
-                                 result.train_labels, out)
+    confidence = _fit_confidence(
+        args, head, x_all, x_test, test, classes, votes, y_noisy, train_idx, val_idx, result.train_labels, out
+    )
     probs_all = confidence.pop("probs_all")
     report: dict = {
         "classes": classes,
         "encoder": encoder.spec.name,
         "config": {**vars(config), "inject_noise": args.inject_noise},
         "data": {
-            "source": str(patches.source), "n": len(patches), "n_train": len(train_idx), "n_val": len(val_idx),
-            "val_slides": sorted({patches.slides[i] for i in val_idx}), "skipped": patches.skipped,
+            "source": str(patches.source),
+            "n": len(patches),
+            "n_train": len(train_idx),
+            "n_val": len(val_idx),
+            "val_slides": sorted({patches.slides[i] for i in val_idx}),
+            "skipped": patches.skipped,
             "embeddings_computed": n_computed + n_test_computed,
         },
         "best_epoch": result.best_epoch,
@@ -219,8 +257,9 @@ def main(argv: list[str] | None = None) -> dict:
     suggested = probs_all.argmax(1)
     data_root = Path(args.data).resolve()
     data_root = data_root if data_root.is_dir() else data_root.parent
-    order = write_suspects(out / "suspects.csv", [p.resolve() for p in patches.paths], y_noisy, suggested, scores,
-                           classes, root=data_root)
+    order = write_suspects(
+        out / "suspects.csv", [p.resolve() for p in patches.paths], y_noisy, suggested, scores, classes, root=data_root
+    )
     contact_sheet(out / "suspects.png", patches.paths, y_noisy, suggested, scores, classes, order)
     report["suspects"] = {"n_flagged": int((suggested != y_noisy).sum()), "file": "suspects.csv"}
     if noise is not None:
@@ -236,16 +275,25 @@ def main(argv: list[str] | None = None) -> dict:
         y_test = np.array([classes.index(label) for label in test.labels])
         report["test"] = classification_report(y_test, test_pred, classes)
         report["test"]["source"] = str(test.source)
-        plot_confusion(out / "confusion_test.png", report["test"]["confusion"], classes,
-                       f"clean test: accuracy {report['test']['accuracy']:.3f} (n={len(y_test)})")
-    plot_confusion(out / "confusion.png", report["val"]["confusion"], classes,
-                   f"noisy validation: accuracy {report['val']['accuracy']:.3f} (n={len(val_idx)})")
+        plot_confusion(
+            out / "confusion_test.png",
+            report["test"]["confusion"],
+            classes,
+            f"clean test: accuracy {report['test']['accuracy']:.3f} (n={len(y_test)})",
+        )
+    plot_confusion(
+        out / "confusion.png",
+        report["val"]["confusion"],
+        classes,
+        f"noisy validation: accuracy {report['val']['accuracy']:.3f} (n={len(val_idx)})",
+    )
 
     # ---- one ONNX graph + card: OUT is directly servable
     if not args.no_export:
         t = time.perf_counter()
-        report["model"] = _export(args, encoder, head, patches, hashes, classes, train_idx, val_idx, y_noisy, report,
-                                  confidence)
+        report["model"] = _export(
+            args, encoder, head, patches, hashes, classes, train_idx, val_idx, y_noisy, report, confidence
+        )
         timings["export"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - started
     report["timings_s"] = {k: round(v, 2) for k, v in timings.items()}
@@ -257,8 +305,9 @@ def main(argv: list[str] | None = None) -> dict:
     return report
 
 
-def _fit_confidence(args, head, x_all, x_test, test, classes, votes, y_noisy, train_idx, val_idx, train_labels,
-                    out: Path) -> dict:
+def _fit_confidence(
+    args, head, x_all, x_test, test, classes, votes, y_noisy, train_idx, val_idx, train_labels, out: Path
+) -> dict:
     """Temperature (noise-aware), abstention threshold and OOD scorer, fitted without clean labels.
 
     The kNN-cleaned labels stand in for the truth where a proxy is needed (transition estimate,
@@ -285,15 +334,23 @@ def _fit_confidence(args, head, x_all, x_test, test, classes, votes, y_noisy, tr
         "naive_temperature_on_noisy_labels": naive_temperature,
         "transition_adjusted_temperature": transition_temperature,
         "transition_estimate": np.round(transition, 3).tolist(),
-        "ece_val_vs_cleaned": {"before": expected_calibration_error(raw_val, cleaned[val_idx]),
-                               "after": expected_calibration_error(cal_val, cleaned[val_idx])},
+        "ece_val_vs_cleaned": {
+            "before": expected_calibration_error(raw_val, cleaned[val_idx]),
+            "after": expected_calibration_error(cal_val, cleaned[val_idx]),
+        },
     }
-    curves = {"validation, uncalibrated (vs kNN-cleaned labels)": (raw_val, cleaned[val_idx]),
-              "validation, calibrated (vs kNN-cleaned labels)": (cal_val, cleaned[val_idx])}
+    curves = {
+        "validation, uncalibrated (vs kNN-cleaned labels)": (raw_val, cleaned[val_idx]),
+        "validation, calibrated (vs kNN-cleaned labels)": (cal_val, cleaned[val_idx]),
+    }
     threshold, sel_acc, coverage = selective_threshold(cal_val, None, args.target_selective_accuracy)
-    info["abstention"] = {"threshold": threshold, "target_selective_accuracy": args.target_selective_accuracy,
-                          "selective_accuracy": sel_acc, "coverage": coverage,
-                          "measured_on": "validation split, expected accuracy = calibrated confidence"}
+    info["abstention"] = {
+        "threshold": threshold,
+        "target_selective_accuracy": args.target_selective_accuracy,
+        "selective_accuracy": sel_acc,
+        "coverage": coverage,
+        "measured_on": "validation split, expected accuracy = calibrated confidence",
+    }
     if test_logits is not None:
         y_test = np.array([classes.index(label) for label in test.labels])
         raw_t, cal_t = softmax(test_logits), softmax(test_logits, temperature)
@@ -303,8 +360,9 @@ def _fit_confidence(args, head, x_all, x_test, test, classes, votes, y_noisy, tr
             "ece_uncalibrated": expected_calibration_error(raw_t, y_test),
             "ece_calibrated": expected_calibration_error(cal_t, y_test),
             "ece_naive_temperature": expected_calibration_error(naive_t, y_test),
-            "ece_transition_temperature": expected_calibration_error(softmax(test_logits, transition_temperature),
-                                                                     y_test),
+            "ece_transition_temperature": expected_calibration_error(
+                softmax(test_logits, transition_temperature), y_test
+            ),
             "selective_accuracy": float((cal_t.argmax(1) == y_test)[kept].mean()) if kept.any() else None,
             "coverage": float(kept.mean()),
         }
@@ -313,18 +371,23 @@ def _fit_confidence(args, head, x_all, x_test, test, classes, votes, y_noisy, tr
     reliability_diagram(out / "reliability.png", curves)
     scorer = MahalanobisScore(x_all[train_idx], train_labels, n, k=128)
     val_scores = scorer.score(x_all[val_idx]) if len(val_idx) else scorer.score(x_all[train_idx])
-    info["ood"] = {"method": "mahalanobis-pca128+residual (embedding)", "quantile": OOD_QUANTILE,
-                   "threshold": float(np.quantile(val_scores, OOD_QUANTILE))}
+    info["ood"] = {
+        "method": "mahalanobis-pca128+residual (embedding)",
+        "quantile": OOD_QUANTILE,
+        "threshold": float(np.quantile(val_scores, OOD_QUANTILE)),
+    }
     info["temperature_module"] = scorer
     info["probs_all"] = probs_all
     return info
 
 
-def _export(args, encoder, head, patches: PatchSet, hashes, classes, train_idx, val_idx, y_noisy, report,
-            confidence: dict) -> dict:
+def _export(
+    args, encoder, head, patches: PatchSet, hashes, classes, train_idx, val_idx, y_noisy, report, confidence: dict
+) -> dict:
     rng = np.random.default_rng(args.seed)
-    pick = rng.choice(val_idx if len(val_idx) else train_idx, size=min(64, len(val_idx) or len(train_idx)),
-                      replace=False)
+    pick = rng.choice(
+        val_idx if len(val_idx) else train_idx, size=min(64, len(val_idx) or len(train_idx)), replace=False
+    )
     size = encoder.spec.input_size
     parity_images = np.stack([load_rgb_resized(patches.paths[i], size) for i in pick])
     val_images = val_labels = None
@@ -333,9 +396,15 @@ def _export(args, encoder, head, patches: PatchSet, hashes, classes, train_idx, 
         val_labels = y_noisy[val_idx]
     try:
         parity, variants = export_model(
-            encoder, head, Path(args.out), parity_images, temperature=confidence["temperature"],
-            ood=confidence["temperature_module"], variants=tuple(v for v in args.variants.split(",") if v),
-            val_images=val_images, val_labels=val_labels,
+            encoder,
+            head,
+            Path(args.out),
+            parity_images,
+            temperature=confidence["temperature"],
+            ood=confidence["temperature_module"],
+            variants=tuple(v for v in args.variants.split(",") if v),
+            val_images=val_images,
+            val_labels=val_labels,
         )
     except ExportError as exc:
         _fail(str(exc))
@@ -353,25 +422,44 @@ def _export(args, encoder, head, patches: PatchSet, hashes, classes, train_idx, 
         patch_size_pixels=patch_px,
         mpp=args.mpp,
         normalization=Normalization(mean=encoder.spec.mean, std=encoder.spec.std),
-        encoder=EncoderInfo(id=encoder.spec.name, weights_sha256=encoder.weights_sha256,
-                            embedding_dim=encoder.embedding_dim, pretraining=encoder.spec.pretraining),
-        head=HeadInfo(kind=args.head, method=f"{args.method}+{args.loss}",
-                      hyperparameters={"epochs_max": args.epochs, "best_epoch": report["best_epoch"], "lr": args.lr,
-                                       "knn_k": args.knn_k, "clean_margin": args.clean_margin,
-                                       "patience": args.patience}),
+        encoder=EncoderInfo(
+            id=encoder.spec.name,
+            weights_sha256=encoder.weights_sha256,
+            embedding_dim=encoder.embedding_dim,
+            pretraining=encoder.spec.pretraining,
+        ),
+        head=HeadInfo(
+            kind=args.head,
+            method=f"{args.method}+{args.loss}",
+            hyperparameters={
+                "epochs_max": args.epochs,
+                "best_epoch": report["best_epoch"],
+                "lr": args.lr,
+                "knn_k": args.knn_k,
+                "clean_margin": args.clean_margin,
+                "patience": args.patience,
+            },
+        ),
         data=DataSummary(
-            source=str(patches.source), n_train=len(train_idx), n_val=len(val_idx),
+            source=str(patches.source),
+            n_train=len(train_idx),
+            n_val=len(val_idx),
             class_counts={c: int((y_noisy == i).sum()) for i, c in enumerate(classes)},
-            injected_noise=args.inject_noise, data_sha256=data_sha256(patches, hashes),
+            injected_noise=args.inject_noise,
+            data_sha256=data_sha256(patches, hashes),
             licence="CC BY 4.0" if is_kather else None,
         ),
         metrics=metrics,
         parity=parity,
         calibration=Calibration(
-            temperature=confidence["temperature"], method={"cleaned": "temperature scaling on kNN-cleaned validation labels",
-                    "transition": "temperature scaling through an estimated noise transition",
-                    "none": "none (temperature 1)"}[args.calibration],
-            ece_before=confidence["ece_val_vs_cleaned"]["before"], ece_after=confidence["ece_val_vs_cleaned"]["after"],
+            temperature=confidence["temperature"],
+            method={
+                "cleaned": "temperature scaling on kNN-cleaned validation labels",
+                "transition": "temperature scaling through an estimated noise transition",
+                "none": "none (temperature 1)",
+            }[args.calibration],
+            ece_before=confidence["ece_val_vs_cleaned"]["before"],
+            ece_after=confidence["ece_val_vs_cleaned"]["after"],
             ece_split="validation split vs kNN-cleaned labels",
         ),
         abstention=Abstention(**confidence["abstention"]),
@@ -381,8 +469,11 @@ def _export(args, encoder, head, patches: PatchSet, hashes, classes, train_idx, 
         credits=[KATHER_CREDIT] if is_kather else [],
     )
     card = save_model_dir(args.out, card)
-    return {"onnx_sha256": card.onnx_sha256, "parity_max_abs_diff": parity.max_abs_diff,
-            "variants": {k: v.model_dump() for k, v in variants.items()}}
+    return {
+        "onnx_sha256": card.onnx_sha256,
+        "parity_max_abs_diff": parity.max_abs_diff,
+        "variants": {k: v.model_dump() for k, v in variants.items()},
+    }
 
 
 if __name__ == "__main__":
