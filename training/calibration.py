@@ -74,16 +74,22 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
     return float(ece)
 
 
-def selective_threshold(probs: np.ndarray, labels: np.ndarray | None, target: float) -> tuple[float, float, float]:
-    """Lowest confidence threshold whose kept predictions reach ``target`` accuracy.
+def selective_threshold(
+    probs: np.ndarray, labels: np.ndarray | None, target: float, expected: np.ndarray | None = None
+) -> tuple[float, float, float]:
+    """Lowest confidence threshold (on ``probs``) whose kept predictions reach ``target`` accuracy.
 
-    With ``labels=None`` the accuracy of each prediction is estimated by its own (calibrated)
-    confidence, so no clean labels are needed — which is what in-house data allows: against
-    noisy or kNN-cleaned labels a 90 % target can be unreachable even for a perfect model.
+    With ``labels=None`` the accuracy of each prediction is estimated without clean labels — which
+    is what in-house data allows (against noisy or kNN-cleaned labels a 90 % target can be
+    unreachable even for a perfect model): by ``expected`` (e.g. the confidence after a
+    noise-aware temperature fit) or else by the prediction's own confidence.
     Returns (threshold, selective accuracy, coverage); threshold 0 when even all tiles reach it.
     """
     conf = probs.max(1)
-    correct = conf if labels is None else (probs.argmax(1) == labels)
+    if labels is not None:
+        correct = probs.argmax(1) == labels
+    else:
+        correct = conf if expected is None else expected
     order = np.argsort(-conf)
     cum_acc = np.cumsum(correct[order]) / np.arange(1, len(order) + 1)
     ok = np.flatnonzero(cum_acc >= target)
