@@ -282,6 +282,7 @@ def _save_encoder(out: Path, args, spec, model: SimCLR, n_tiles: int, history: l
     weights = out / "encoder.safetensors"
     tmp = out / ".encoder.safetensors.tmp"
     save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp))
+    tmp.chmod(0o644)
     tmp.replace(weights)
     description = {
         "name": args.name or out.resolve().name,
