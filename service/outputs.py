@@ -1,11 +1,23 @@
-"""Per-slide outputs: tiles.csv, QuPath GeoJSON, heatmap PNG and summary.json, all written atomically."""
+"""Per-slide outputs: tiles.csv, QuPath GeoJSON, heatmap PNG and summary.json.
+
+Every file is written to a temporary name beside its destination, fsync'ed and renamed, so a job
+killed at any moment leaves either the previous file or the complete new one, never half a file.
+CSV and GeoJSON are streamed row by row from arrays, so a slide with a million tiles does not
+build a million dicts. A new output format is one more writer here.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 import numpy as np
 from PIL import Image
@@ -27,6 +39,7 @@ PALETTE = [
     (0, 102, 102),
     (255, 102, 153),
 ]
+OOD_NAME = "OOD"
 OOD_COLOUR = (20, 20, 20)
 
 
@@ -34,89 +47,147 @@ def class_colours(classes: list[str]) -> dict[str, tuple[int, int, int]]:
     return {c: PALETTE[i % len(PALETTE)] for i, c in enumerate(classes)}
 
 
-def tile_rows(
-    records: np.ndarray, classes: list[str], side: int, abstain: float | None, ood: float | None
-) -> list[dict]:
-    """Rows from ``records`` [N, 3 + C + 1] = (index, x, y, probabilities..., ood_score)."""
-    rows = []
-    for rec in records:
-        probs = rec[3 : 3 + len(classes)]
-        score = float(rec[-1])
-        top = int(np.argmax(probs))
-        rows.append(
-            {
-                "x": int(rec[1]),
-                "y": int(rec[2]),
-                "width": side,
-                "height": side,
-                **{f"prob_{c}": round(float(p), 6) for c, p in zip(classes, probs, strict=True)},
-                "label": classes[top],
-                "confidence": round(float(probs[top]), 6),
-                "abstained": "" if abstain is None else bool(probs[top] < abstain),
-                "ood_score": "" if not np.isfinite(score) else round(score, 4),
-                "ood": "" if ood is None or not np.isfinite(score) else bool(score > ood),
-            }
-        )
-    return rows
+@dataclass(frozen=True)
+class TileTable:
+    """One slide's tile results, in grid (row-major) order.
+
+    ``ood_scores`` is NaN where the model has no OOD scorer; thresholds are None where the model
+    (or the deployment) defines none, and the matching columns are then left empty.
+    """
+
+    classes: list[str]
+    side: int
+    coords: np.ndarray  # [N, 2] level-0 x, y
+    probabilities: np.ndarray  # [N, C]
+    ood_scores: np.ndarray  # [N]
+    abstain_threshold: float | None = None
+    ood_threshold: float | None = None
+
+    def __len__(self) -> int:
+        return len(self.coords)
+
+    @property
+    def label_index(self) -> np.ndarray:
+        return self.probabilities.argmax(1) if len(self) else np.zeros(0, np.int64)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.probabilities.max(1) if len(self) else np.zeros(0, np.float32)
+
+    @property
+    def abstained(self) -> np.ndarray | None:
+        return None if self.abstain_threshold is None else self.confidence < self.abstain_threshold
+
+    @property
+    def ood(self) -> np.ndarray | None:
+        if self.ood_threshold is None or not np.isfinite(self.ood_scores).any():
+            return None
+        return np.isfinite(self.ood_scores) & (self.ood_scores > self.ood_threshold)
+
+    def counts(self) -> dict[str, int]:
+        counts = np.bincount(self.label_index, minlength=len(self.classes))
+        return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
 
 
-def write_tiles_csv(path: Path, rows: list[dict], classes: list[str]) -> None:
+@contextlib.contextmanager
+def atomic_text(path: Path) -> Iterator[IO[str]]:
+    """A text handle on a temporary file that replaces ``path`` only once fully written and synced."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _flag(values: np.ndarray | None, i: int) -> str | bool:
+    return "" if values is None else bool(values[i])
+
+
+def write_tiles_csv(path: Path, table: TileTable) -> None:
+    """One row per tissue tile: level-0 box, every class probability, label, confidence, flags."""
     columns = [
         "x",
         "y",
         "width",
         "height",
-        *[f"prob_{c}" for c in classes],
+        *[f"prob_{c}" for c in table.classes],
         "label",
         "confidence",
         "abstained",
         "ood_score",
         "ood",
     ]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomic(path, buffer.getvalue())
+    labels, confidence, abstained, ood = table.label_index, table.confidence, table.abstained, table.ood
+    with atomic_text(path) as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(columns)
+        for i, ((x, y), probs) in enumerate(zip(table.coords, table.probabilities, strict=True)):
+            score = table.ood_scores[i]
+            writer.writerow(
+                [
+                    int(x),
+                    int(y),
+                    table.side,
+                    table.side,
+                    *(f"{p:.6f}" for p in probs),
+                    table.classes[labels[i]],
+                    f"{confidence[i]:.6f}",
+                    _flag(abstained, i),
+                    f"{score:.4f}" if np.isfinite(score) else "",
+                    _flag(ood, i),
+                ]
+            )
 
 
-def write_geojson(path: Path, rows: list[dict], classes: list[str]) -> dict:
-    """A FeatureCollection QuPath imports: one tile polygon per row with its class, colour and measurements."""
-    colours = class_colours(classes)
-    features = []
-    for r in rows:
-        x, y, w, h = r["x"], r["y"], r["width"], r["height"]
-        name = "OOD" if r["ood"] is True else r["label"]
-        features.append(
-            {
+def write_geojson(path: Path, table: TileTable) -> None:
+    """A FeatureCollection QuPath imports (File ▸ Import objects): one tile polygon per row.
+
+    Each feature carries ``objectType: tile``, a classification (the predicted class and its colour,
+    or ``OOD`` in near-black where the tile is out of distribution) and numeric measurements (every
+    class probability, confidence, OOD score), which QuPath shows in its measurement tables.
+    """
+    colours = class_colours(table.classes)
+    labels, confidence, ood = table.label_index, table.confidence, table.ood
+    with atomic_text(path) as handle:
+        handle.write('{"type": "FeatureCollection", "features": [')
+        for i, ((x, y), probs) in enumerate(zip(table.coords.tolist(), table.probabilities, strict=True)):
+            s = table.side
+            label = table.classes[labels[i]]
+            is_ood = ood is not None and bool(ood[i])
+            measurements: dict[str, float] = {c: round(float(p), 6) for c, p in zip(table.classes, probs, strict=True)}
+            measurements["confidence"] = round(float(confidence[i]), 6)
+            if np.isfinite(table.ood_scores[i]):
+                measurements["ood_score"] = round(float(table.ood_scores[i]), 4)
+            feature: dict[str, Any] = {
                 "type": "Feature",
                 "geometry": {
                     "type": "Polygon",
-                    "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]],
+                    "coordinates": [[[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]],
                 },
                 "properties": {
                     "objectType": "tile",
                     "classification": {
-                        "name": name,
-                        "color": list(OOD_COLOUR if name == "OOD" else colours[r["label"]]),
+                        "name": OOD_NAME if is_ood else label,
+                        "color": list(OOD_COLOUR if is_ood else colours[label]),
                     },
-                    "measurements": {
-                        **{c: r[f"prob_{c}"] for c in classes},
-                        "confidence": r["confidence"],
-                        **({"ood_score": r["ood_score"]} if r["ood_score"] != "" else {}),
-                    },
+                    "measurements": measurements,
                 },
             }
-        )
-    collection = {"type": "FeatureCollection", "features": features}
-    write_atomic(path, json.dumps(collection))
-    return collection
+            handle.write(("\n" if i == 0 else ",\n") + json.dumps(feature))
+        handle.write("\n]}\n")
 
 
-def write_heatmap(
-    path: Path, thumbnail: Image.Image, downsample: float, rows: list[dict], classes: list[str], title: str
-) -> None:
-    """Class colours blended over the thumbnail (OOD tiles in their own colour), with a legend."""
+def write_heatmap(path: Path, thumbnail: Image.Image, downsample: float, table: TileTable, title: str) -> None:
+    """Class colours blended over the thumbnail (OOD tiles near-black), with a legend of tile counts."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -125,30 +196,31 @@ def write_heatmap(
 
     base = np.asarray(thumbnail.convert("RGB"), dtype=np.float32)
     overlay = base.copy()
-    colours = class_colours(classes)
-    for r in rows:
-        colour = OOD_COLOUR if r["ood"] is True else colours[r["label"]]
-        x0, y0 = int(r["x"] / downsample), int(r["y"] / downsample)
-        x1, y1 = int(np.ceil((r["x"] + r["width"]) / downsample)), int(np.ceil((r["y"] + r["height"]) / downsample))
-        overlay[y0:y1, x0:x1] = colour
+    colours = class_colours(table.classes)
+    palette = np.array([colours[c] for c in table.classes] + [OOD_COLOUR], np.float32)
+    ood = table.ood if table.ood is not None else np.zeros(len(table), bool)
+    colour_index = np.where(ood, len(table.classes), table.label_index)
+    lo = np.floor(table.coords / downsample).astype(np.int64)
+    hi = np.ceil((table.coords + table.side) / downsample).astype(np.int64)
+    for (x0, y0), (x1, y1), k in zip(lo, hi, colour_index, strict=True):
+        overlay[y0:y1, x0:x1] = palette[k]
     blended = (0.45 * base + 0.55 * overlay).astype(np.uint8)
     h, w = blended.shape[:2]
     fig, ax = plt.subplots(figsize=(min(14, 3 + 8 * w / max(h, w)), min(12, 1.5 + 8 * h / max(h, w))))
     ax.imshow(blended)
     ax.set_axis_off()
     ax.set_title(title, fontsize=9)
-    counts = {c: sum(r["label"] == c and r["ood"] is not True for r in rows) for c in classes}
-    handles = [Patch(color=np.array(colours[c]) / 255, label=f"{c} ({counts[c]})") for c in classes]
-    n_ood = sum(r["ood"] is True for r in rows)
-    if n_ood:
-        handles.append(Patch(color=np.array(OOD_COLOUR) / 255, label=f"out of distribution ({n_ood})"))
+    shown = np.bincount(colour_index, minlength=len(table.classes) + 1)
+    handles = [Patch(color=np.array(colours[c]) / 255, label=f"{c} ({shown[k]})") for k, c in enumerate(table.classes)]
+    if shown[-1]:
+        handles.append(Patch(color=np.array(OOD_COLOUR) / 255, label=f"out of distribution ({shown[-1]})"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8, frameon=False)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight", metadata={"Software": None})
     plt.close(fig)
     write_atomic(path, buffer.getvalue())
 
 
-def write_summary(path: Path, summary: dict) -> None:
+def write_summary(path: Path, summary: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(summary, indent=2) + "\n")

@@ -2,222 +2,406 @@
 
     python -m service.wsi SLIDE_OR_FOLDER... --out OUT [--model DIR] [--mpp X] [--batch-size N] [--workers N]
 
-Per slide, ``OUT/<slide name>/`` gets ``tiles.csv``, ``predictions.geojson`` (QuPath), ``heatmap.png``
-and ``summary.json``. Reading and decoding run ahead of inference in worker threads through a
-bounded queue (memory stays flat whatever the slide size). Each finished batch is appended to
-``.tiles.partial`` and fsync'ed, so a job killed at any moment — SIGKILL included — resumes where
-it stopped when started again with the same arguments, and ends with the same outputs. A slide
-that fails is listed in ``OUT/failures.json`` and the others go on; the exit code is 1 then.
+Per slide, ``OUT/<slide stem>/`` gets ``tiles.csv``, ``predictions.geojson`` (QuPath), ``heatmap.png``
+and ``summary.json``. Reader threads (``--workers``, one OpenSlide handle each) decode and resize
+tiles ahead of inference; at most a few batches are in flight, so memory stays flat whatever the
+slide size. Each finished batch is appended to ``OUT/<slide stem>/.tiles.partial`` and fsync'ed: a job
+killed at any moment, SIGKILL included, resumes where it stopped when started again with the same
+arguments and ends with the same outputs as an uninterrupted run. A slide whose ``summary.json``
+was written by the same model with the same arguments is skipped. A slide that fails is listed in
+``OUT/failures.json`` and the others go on; the exit code is then 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import json
 import logging
 import os
-import queue
 import sys
-import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
+import openslide
 from tqdm import tqdm
 
-from models.card import write_atomic
-from service.outputs import tile_rows, write_geojson, write_heatmap, write_summary, write_tiles_csv
+from models.card import ModelCard, ModelLoadError, write_atomic
+from service.outputs import TileTable, write_geojson, write_heatmap, write_summary, write_tiles_csv
 from service.runtime import Prediction, Runtime
-from service.slides import SLIDE_SUFFIXES, SlideError, TileReader, open_slide, slide_mpp, tile_grid, tissue_mask
+from service.slides import (
+    SLIDE_SUFFIXES,
+    SlideError,
+    TileGrid,
+    TileReader,
+    open_slide,
+    read_thumbnail,
+    slide_mpp,
+    tile_grid,
+    tissue_mask,
+)
 
 log = logging.getLogger("histo_robust.wsi")
 
 PARTIAL = ".tiles.partial"
 JOB = ".job.json"
+LOCK = ".lock"
+OUTPUT_FILES = ("tiles.csv", "predictions.geojson", "heatmap.png", "summary.json")
+FAILURES = "failures.json"
+DEFAULT_MIN_TISSUE = 0.5
+# Bumped when the tiling or the partial format changes, so old partial results are not reused.
+JOB_FORMAT = 2
+
 Predict = Callable[[np.ndarray], Prediction]
 
 
-def _job_signature(path: Path, runtime: Runtime, mpp: float, min_tissue: float) -> dict:
+def job_signature(path: Path, runtime: Runtime, mpp: float, min_tissue: float) -> dict[str, Any]:
+    """Everything the results depend on. Partial results and a finished summary are reused only
+    when it is unchanged: another model, slide file, µm/px, tissue threshold or serving threshold
+    starts the slide over instead of mixing results."""
     stat = path.stat()
+    card = runtime.card
     return {
+        "format": JOB_FORMAT,
         "slide": path.name,
-        "slide_size": stat.st_size,
+        "slide_bytes": stat.st_size,
         "slide_mtime": int(stat.st_mtime),
-        "model_sha256": runtime.card.onnx_sha256,
+        "model_sha256": card.onnx_sha256,
+        "variant": os.environ.get("HISTO_MODEL_VARIANT") or "fp32",
+        "model_mpp": card.mpp,
+        "patch_size_pixels": card.patch_size_pixels,
+        "input_size": card.input_size,
         "mpp": mpp,
         "min_tissue": min_tissue,
+        "abstain_threshold": runtime.abstain_threshold,
+        "ood_threshold": runtime.ood_threshold,
     }
 
 
-def _read_partial(path: Path, n_fields: int) -> np.ndarray:
-    """Completed rows; a torn last line from a kill mid-write is cut off the file."""
-    if not path.is_file():
-        return np.zeros((0, n_fields))
-    data = path.read_bytes()
-    good_end, rows = 0, []
-    for line in data.splitlines(keepends=True):
-        if not line.endswith(b"\n"):
-            break
-        fields = line.decode("ascii", "replace").strip().split(",")
-        if len(fields) != n_fields:
-            break
-        try:
-            rows.append([float(v) for v in fields])
-        except ValueError:
-            break
-        good_end += len(line)
-    if good_end != len(data):
+def read_partial(path: Path, grid: TileGrid, n_classes: int, batch_size: int) -> np.ndarray:
+    """Rows ``[index, x, y, p_1..p_C, ood_score]`` of the whole batches already done.
+
+    The file is trusted only as far as it is consistent: row ``i`` must carry index ``i`` and the
+    grid's coordinates for that tile. It is cut back (on disk too) to the last whole batch, which
+    drops a line torn by a kill mid-write and the rows of a batch the kill split; those tiles are
+    redone in the same batches an uninterrupted run uses, so the results are identical to the bit.
+    """
+    n_fields = 3 + n_classes + 1
+    rows: list[list[float]] = []
+    ends = [0]  # byte offset after each valid row
+    if path.is_file():
+        with open(path, "rb") as handle:
+            for line in handle:
+                i = len(rows)
+                if i >= len(grid.coords) or not line.endswith(b"\n"):
+                    break
+                fields = line.split(b",")
+                if len(fields) != n_fields:
+                    break
+                try:
+                    values = [float(v) for v in fields]
+                except ValueError:
+                    break
+                if values[0] != i or values[1] != grid.coords[i, 0] or values[2] != grid.coords[i, 1]:
+                    break
+                rows.append(values)
+                ends.append(ends[-1] + len(line))
+    keep = len(rows) if len(rows) == len(grid.coords) else len(rows) // batch_size * batch_size
+    if path.is_file() and path.stat().st_size != ends[keep]:
         with open(path, "r+b") as handle:
-            handle.truncate(good_end)
-    return np.array(rows).reshape(-1, n_fields)
+            handle.truncate(ends[keep])
+            os.fsync(handle.fileno())
+    return np.array(rows[:keep], dtype=np.float64).reshape(-1, n_fields)
+
+
+def _format_rows(start: int, grid: TileGrid, prediction: Prediction) -> str:
+    """Partial-file lines; ``%.9g`` round-trips float32 exactly, so a resumed job loses nothing."""
+    n = len(prediction.probabilities)
+    ood = prediction.ood_scores if prediction.ood_scores is not None else np.full(n, np.nan, np.float32)
+    lines = []
+    for k in range(n):
+        i = start + k
+        x, y = grid.coords[i]
+        values = ",".join(f"{float(v):.9g}" for v in (*prediction.probabilities[k], ood[k]))
+        lines.append(f"{i},{x},{y},{values}\n")
+    return "".join(lines)
+
+
+def stream_batches(
+    reader: TileReader, grid: TileGrid, starts: list[int], batch_size: int, workers: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """Yield ``(start, pixels)`` per batch in order, read by ``workers`` threads ahead of the consumer.
+
+    At most ``workers + 1`` batches are being read or waiting, so memory is bounded by a few
+    batches however many tiles the slide has. Closing the generator (an inference error, a
+    KeyboardInterrupt) cancels what is queued and waits for the readers, so no thread outlives it.
+    """
+    depth = workers + 1
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="tile-reader")
+    pending: deque[tuple[int, Future[np.ndarray]]] = deque()
+    todo = iter(starts)
+    try:
+        while True:
+            while len(pending) < depth and (start := next(todo, None)) is not None:
+                pending.append((start, pool.submit(reader.read_batch, grid.coords[start : start + batch_size])))
+            if not pending:
+                return
+            start, future = pending.popleft()
+            yield start, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+@contextlib.contextmanager
+def _exclusive(out_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``out_dir``, so two jobs pointed at the same output folder cannot
+    interleave their partial results; the kernel drops the lock when a process dies, even by SIGKILL."""
+    lock_path = out_dir / LOCK
+    with open(lock_path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SlideError(f"{out_dir}: another job is writing this output folder") from None
+        try:
+            yield
+        finally:
+            lock_path.unlink(missing_ok=True)
+
+
+def _outputs_done(out_dir: Path, signature: dict[str, Any]) -> dict[str, Any] | None:
+    """The previous summary when this exact job already finished and all its outputs are there."""
+    summary_path = out_dir / "summary.json"
+    if not all((out_dir / name).is_file() for name in OUTPUT_FILES):
+        return None
+    try:
+        previous = json.loads(summary_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return previous if isinstance(previous, dict) and previous.get("job") == signature else None
 
 
 def classify_slide(
-    path: Path,
+    path: str | os.PathLike[str],
     runtime: Runtime,
-    out_dir: Path,
+    out_dir: str | os.PathLike[str],
     *,
     mpp: float | None = None,
     batch_size: int = 32,
     workers: int = 2,
-    min_tissue: float = 0.5,
+    min_tissue: float = DEFAULT_MIN_TISSUE,
     predict: Predict | None = None,
     progress: bool = True,
-) -> dict:
-    """Classify one slide into ``out_dir`` (resuming a killed run) and return its summary."""
+) -> dict[str, Any]:
+    """Classify one slide into ``out_dir`` (resuming a killed run, skipping a finished one); return its summary.
+
+    ``predict`` replaces ``runtime.predict`` (e.g. a batching client); ``runtime`` still supplies the
+    card and thresholds. Raises :class:`SlideError` for a slide that cannot be read or has no mpp.
+    """
     started = time.perf_counter()
-    predict = predict or runtime.predict
-    card = runtime.card
+    path, out_dir = Path(path), Path(out_dir)
+    if batch_size < 1 or workers < 1:
+        raise ValueError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
+    if not 0 <= min_tissue <= 1:
+        raise ValueError(f"min_tissue must be within [0, 1], got {min_tissue}")
     slide = open_slide(path)
-    level0_mpp, mpp_source = slide_mpp(slide, path, mpp)
-    mask, mask_ds = tissue_mask(slide)
-    grid = tile_grid(slide, level0_mpp, card.mpp, card.patch_size_pixels, mask, mask_ds, min_tissue)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    signature = _job_signature(path, runtime, level0_mpp, min_tissue)
-    summary_path = out_dir / "summary.json"
-    if summary_path.is_file():
-        previous = json.loads(summary_path.read_text())
-        if previous.get("job") == signature:
-            log.info("%s: already done, skipping", path.name)
-            return previous
-    partial = out_dir / PARTIAL
-    job_file = out_dir / JOB
-    if not job_file.is_file() or json.loads(job_file.read_text()) != signature:
-        partial.unlink(missing_ok=True)  # another model or slide version: start over
-        write_atomic(job_file, json.dumps(signature))
-    n_fields = 3 + len(card.classes) + 1
-    done = _read_partial(partial, n_fields)
-    done_idx = set(done[:, 0].astype(int).tolist())
-    todo = [i for i in range(len(grid.coords)) if i not in done_idx]
-    t_read = t_infer = 0.0
+    try:
+        level0_mpp, mpp_source = slide_mpp(slide, path, mpp)
+        if level0_mpp > runtime.card.mpp * 1.1:
+            log.warning(
+                "%s: scanned at %.3g µm/px, coarser than the model's %.3g: tiles are upsampled and "
+                "predictions may degrade",
+                path.name,
+                level0_mpp,
+                runtime.card.mpp,
+            )
+        signature = job_signature(path, runtime, level0_mpp, min_tissue)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with _exclusive(out_dir):
+            if (previous := _outputs_done(out_dir, signature)) is not None:
+                log.info("%s: already done with this model and these arguments, skipping", path.name)
+                (out_dir / PARTIAL).unlink(missing_ok=True)
+                (out_dir / JOB).unlink(missing_ok=True)
+                return previous
+            t0 = time.perf_counter()
+            mask, mask_ds = tissue_mask(slide)
+            grid = tile_grid(
+                slide, level0_mpp, runtime.card.mpp, runtime.card.patch_size_pixels, mask, mask_ds, min_tissue
+            )
+            timings = {"tissue_mask": time.perf_counter() - t0}
+            resumed = _classify_tiles(
+                path,
+                grid,
+                runtime,
+                out_dir,
+                signature,
+                predict or runtime.predict,
+                batch_size,
+                workers,
+                progress,
+                timings,
+            )
+            t0 = time.perf_counter()
+            table = _tile_table(out_dir / PARTIAL, grid, runtime, batch_size, path)
+            _write_outputs(slide, path, runtime.card, table, out_dir)
+            timings["outputs"] = time.perf_counter() - t0
+            timings["total"] = time.perf_counter() - started
+            counts = table.counts()
+            abstained, ood = table.abstained, table.ood
+            summary = {
+                "slide": str(path),
+                "model": runtime.card.name,
+                "model_version": runtime.card.version,
+                "model_sha256": runtime.card.onnx_sha256,
+                "mpp": level0_mpp,
+                "mpp_source": mpp_source,
+                "model_mpp": runtime.card.mpp,
+                "tile_side_um": round(grid.side * level0_mpp, 3),
+                "tile_side_level0_px": grid.side,
+                "read_level": grid.level,
+                "read_level_downsample": grid.level_downsample,
+                "min_tissue": min_tissue,
+                "grid_tiles": grid.n_grid,
+                "tiles": len(table),
+                "tissue_area_mm2": round(float(mask.sum() * (mask_ds * level0_mpp) ** 2 / 1e6), 4),
+                "class_counts": counts,
+                "class_fractions": {c: round(n / len(table), 6) if len(table) else 0.0 for c, n in counts.items()},
+                "abstained": None if abstained is None else int(abstained.sum()),
+                "ood": None if ood is None else int(ood.sum()),
+                "resumed_tiles": resumed,
+                "batch_size": batch_size,
+                "workers": workers,
+                "timings_s": {
+                    k: round(timings[k], 3)
+                    for k in (
+                        "total",
+                        "tissue_mask",
+                        "tiles",
+                        "waiting_for_tiles",
+                        "inference",
+                        "partial_writes",
+                        "outputs",
+                    )
+                },
+                "tiles_per_s": round((len(table) - resumed) / timings["tiles"], 2) if len(table) > resumed else None,
+                "job": signature,
+            }
+            write_summary(out_dir / "summary.json", summary)  # written last: it marks the slide as done
+            (out_dir / PARTIAL).unlink(missing_ok=True)
+            (out_dir / JOB).unlink(missing_ok=True)
+            return summary
+    finally:
+        slide.close()
 
-    if todo:
-        reader = TileReader(path, grid, card.input_size)
-        batches = [todo[i : i + batch_size] for i in range(0, len(todo), batch_size)]
-        ready: queue.Queue = queue.Queue(maxsize=max(2, 2 * workers))  # bounded: memory stays flat
-        stop = threading.Event()
 
-        def produce() -> None:
-            with ThreadPoolExecutor(max(1, workers)) as pool:
-                for chunk in batches:
-                    if stop.is_set():
-                        break
-                    pieces = [p for p in np.array_split(np.array(chunk), max(1, workers)) if len(p)]
-                    futures = [pool.submit(reader.read_batch, grid.coords[p]) for p in pieces]
-                    try:
-                        pixels = np.concatenate([f.result() for f in futures])  # pieces are contiguous: order kept
-                    except Exception as exc:  # surfaced to the consumer, which stops the slide
-                        ready.put(exc)
-                        return
-                    ready.put((np.array(chunk), pixels))
-            ready.put(None)
+def _classify_tiles(
+    path: Path,
+    grid: TileGrid,
+    runtime: Runtime,
+    out_dir: Path,
+    signature: dict[str, Any],
+    predict: Predict,
+    batch_size: int,
+    workers: int,
+    progress: bool,
+    timings: dict[str, float],
+) -> int:
+    """Run the tiles not yet in the partial file through ``predict``, appending each batch durably.
 
-        producer = threading.Thread(target=produce, daemon=True)
-        producer.start()
-        bar = tqdm(total=len(grid.coords), initial=len(done_idx), desc=path.name, unit="tile", disable=not progress)
+    Returns how many tiles an earlier, interrupted run had already done.
+    """
+    partial, job_file = out_dir / PARTIAL, out_dir / JOB
+    try:
+        same_job = json.loads(job_file.read_text()) == signature
+    except (OSError, json.JSONDecodeError):
+        same_job = False
+    if not same_job:  # another model, slide version or argument: start over
+        partial.unlink(missing_ok=True)
+        write_atomic(job_file, json.dumps(signature, indent=1) + "\n")
+    resumed = len(read_partial(partial, grid, len(runtime.card.classes), batch_size))
+    if resumed:
+        log.info("%s: resuming after %d of %d tiles", path.name, resumed, len(grid.coords))
+    t_wait = t_infer = t_write = 0.0
+    t0 = time.perf_counter()
+    starts = list(range(resumed, len(grid.coords), batch_size))
+    if starts:
+        reader = TileReader(path, grid, runtime.card.input_size)
+        bar = tqdm(
+            total=len(grid.coords),
+            initial=resumed,
+            desc=path.name,
+            unit="tile",
+            disable=not progress,
+            dynamic_ncols=True,
+        )
+        batches = stream_batches(reader, grid, starts, batch_size, workers)
         try:
             with open(partial, "a", encoding="ascii") as handle:
                 while True:
-                    t0 = time.perf_counter()
-                    item = ready.get()
-                    t_read += time.perf_counter() - t0
-                    if item is None:
+                    t1 = time.perf_counter()
+                    try:
+                        start, pixels = next(batches)
+                    except StopIteration:
                         break
-                    if isinstance(item, Exception):
-                        raise SlideError(f"{path}: reading tiles failed ({type(item).__name__}: {item})")
-                    chunk, pixels = item
-                    t0 = time.perf_counter()
-                    pred = predict(pixels)
-                    t_infer += time.perf_counter() - t0
-                    ood = pred.ood_scores if pred.ood_scores is not None else np.full(len(chunk), np.nan)
-                    lines = []
-                    for i, probs, score in zip(chunk, pred.probabilities, ood, strict=True):
-                        x, y = grid.coords[i]
-                        lines.append(
-                            ",".join(
-                                [str(int(i)), str(int(x)), str(int(y)), *(f"{p:.9g}" for p in probs), f"{score:.9g}"]
-                            )
-                            + "\n"
-                        )
-                    handle.write("".join(lines))
+                    except SlideError:
+                        raise
+                    except Exception as exc:  # OpenSlide and PIL raise several types for a bad region
+                        raise SlideError(f"{path}: reading tiles failed ({type(exc).__name__}: {exc})") from exc
+                    t2 = time.perf_counter()
+                    prediction = predict(pixels)
+                    t3 = time.perf_counter()
+                    handle.write(_format_rows(start, grid, prediction))
                     handle.flush()
-                    os.fsync(handle.fileno())  # a completed batch survives SIGKILL
-                    bar.update(len(chunk))
+                    os.fsync(handle.fileno())  # a completed batch survives SIGKILL and power loss
+                    t_wait, t_infer = t_wait + t2 - t1, t_infer + t3 - t2
+                    t_write += time.perf_counter() - t3
+                    bar.update(len(pixels))
         finally:
-            stop.set()
+            batches.close()
             bar.close()
-        done = _read_partial(partial, n_fields)
+            reader.close()
+    timings.update(tiles=time.perf_counter() - t0, waiting_for_tiles=t_wait, inference=t_infer, partial_writes=t_write)
+    return resumed
 
-    records = done[np.argsort(done[:, 0], kind="stable")]
-    if len(records) != len(grid.coords) or len(np.unique(records[:, 0])) != len(records):
+
+def _tile_table(partial: Path, grid: TileGrid, runtime: Runtime, batch_size: int, path: Path) -> TileTable:
+    """All tile results, from the partial file, in grid order; refuses anything short of complete."""
+    n_classes = len(runtime.card.classes)
+    records = read_partial(partial, grid, n_classes, batch_size)
+    if len(records) != len(grid.coords):
         raise SlideError(f"{path}: {len(records)} tile results for {len(grid.coords)} tiles; rerun to resume")
-    rows = tile_rows(records, card.classes, grid.side, runtime.abstain_threshold, runtime.ood_threshold)
-    write_tiles_csv(out_dir / "tiles.csv", rows, card.classes)
-    write_geojson(out_dir / "predictions.geojson", rows, card.classes)
-    thumb_ds = max(slide.dimensions) / 1024 if max(slide.dimensions) > 1024 else 1.0
-    thumbnail = slide.get_thumbnail((int(slide.dimensions[0] / thumb_ds), int(slide.dimensions[1] / thumb_ds)))
+    return TileTable(
+        runtime.card.classes,
+        grid.side,
+        records[:, 1:3].astype(np.int64),
+        records[:, 3 : 3 + n_classes].astype(np.float32),
+        records[:, -1].astype(np.float32),
+        runtime.abstain_threshold,
+        runtime.ood_threshold,
+    )
+
+
+def _write_outputs(slide: openslide.OpenSlide, path: Path, card: ModelCard, table: TileTable, out_dir: Path) -> None:
+    write_tiles_csv(out_dir / "tiles.csv", table)
+    write_geojson(out_dir / "predictions.geojson", table)
+    thumbnail, thumb_ds = read_thumbnail(slide, 1024)
     write_heatmap(
         out_dir / "heatmap.png",
         thumbnail,
-        slide.dimensions[0] / thumbnail.size[0],
-        rows,
-        card.classes,
-        f"{path.name} — {card.name} ({len(rows)} tissue tiles at {card.mpp:g} µm/px)",
+        thumb_ds,
+        table,
+        f"{path.name}: {card.name}, {len(table)} tissue tiles of {card.patch_size_um:.0f} µm",
     )
-    counts = {c: sum(r["label"] == c for r in rows) for c in card.classes}
-    summary = {
-        "slide": str(path),
-        "model": card.name,
-        "model_sha256": card.onnx_sha256,
-        "mpp": level0_mpp,
-        "mpp_source": mpp_source,
-        "model_mpp": card.mpp,
-        "tile_side_level0_px": grid.side,
-        "read_level": grid.level,
-        "grid_tiles": grid.n_grid,
-        "tiles": len(rows),
-        "tissue_area_mm2": float(mask.sum() * (mask_ds * level0_mpp) ** 2 / 1e6),
-        "class_counts": counts,
-        "class_fractions": {c: (n / len(rows) if rows else 0.0) for c, n in counts.items()},
-        "abstained": sum(r["abstained"] is True for r in rows),
-        "ood": sum(r["ood"] is True for r in rows),
-        "timings_s": {
-            "total": round(time.perf_counter() - started, 3),
-            "waiting_for_tiles": round(t_read, 3),
-            "inference": round(t_infer, 3),
-        },
-        "job": signature,
-    }
-    write_summary(summary_path, summary)
-    partial.unlink(missing_ok=True)
-    job_file.unlink(missing_ok=True)
-    return summary
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    slides = []
+    """Files as given, folders as their slide files (by suffix, not recursive), in sorted order."""
+    slides: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
@@ -227,52 +411,88 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     return slides
 
 
+def run_job(
+    slides: list[Path], runtime: Runtime, out: Path, *, progress: bool = True, **options: Any
+) -> list[dict[str, str]]:
+    """Classify every slide into ``out/<stem>/``; a failing slide is recorded and the others go on."""
+    failures: list[dict[str, str]] = []
+    owners: dict[str, Path] = {}
+    for path in slides:
+        try:
+            if not path.is_file():
+                raise SlideError(f"{path}: no such file")
+            owner = owners.setdefault(path.stem, path)
+            if owner.resolve() != path.resolve():
+                raise SlideError(
+                    f"{path}: output folder {out / path.stem} already belongs to {owner} in this "
+                    "run; rename the slide or run it separately"
+                )
+            if owner is not path:
+                continue  # the same file given twice
+            summary = classify_slide(path, runtime, out / path.stem, progress=progress, **options)
+            print(f"{path.name}: {summary['tiles']} tiles -> {out / path.stem}/", flush=True)
+        except Exception as exc:  # one bad slide must not stop the others
+            if not isinstance(exc, SlideError | OSError):
+                log.exception("%s: unexpected error", path)
+            failures.append({"slide": str(path), "error": str(exc) or type(exc).__name__})
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / FAILURES, json.dumps(failures, indent=2) + "\n")
+    return failures
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    p = argparse.ArgumentParser(
-        prog="python -m service.wsi",
-        description=__doc__.split("\n\n")[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    p = argparse.ArgumentParser(prog="python -m service.wsi", description=__doc__.split("\n\n")[0])
     p.add_argument("slides", nargs="+", help="slide files or folders of slides")
     p.add_argument("--out", required=True, type=Path, help="output folder (one sub-folder per slide)")
     p.add_argument(
         "--model", type=Path, default=None, help="model directory (default $HISTO_MODEL_DIR or models/default)"
     )
-    p.add_argument("--mpp", type=float, default=None, help="override the slides' level-0 µm/px")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2, help="tile-reading threads")
-    p.add_argument("--min-tissue", type=float, default=0.5, help="minimum tissue fraction of a tile")
-    p.add_argument("--device", default=None, help="auto, cpu or cuda")
+    p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px for every slide, overriding the file's")
+    p.add_argument("--batch-size", type=int, default=32, help="tiles per onnxruntime call (default %(default)s)")
+    p.add_argument("--workers", type=int, default=2, help="tile-reading threads (default %(default)s)")
+    p.add_argument(
+        "--min-tissue",
+        type=float,
+        default=DEFAULT_MIN_TISSUE,
+        help="minimum tissue fraction of a tile (default %(default)s)",
+    )
+    p.add_argument("--device", default=None, help="auto, cpu or cuda (default $HISTO_DEVICE or auto)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    runtime = Runtime(args.model, device=args.device)
+    if args.batch_size < 1 or args.workers < 1 or not 0 <= args.min_tissue <= 1:
+        p.error("--batch-size and --workers must be >= 1 and --min-tissue within [0, 1]")
+    if args.mpp is not None and not args.mpp > 0:
+        p.error("--mpp must be positive")
     slides = expand_inputs(args.slides)
     if not slides:
-        print(f"error: no slides found in {args.slides}", file=sys.stderr)
+        print(
+            f"error: no slides found in {' '.join(args.slides)} (suffixes: {' '.join(sorted(SLIDE_SUFFIXES))})",
+            file=sys.stderr,
+        )
         return 2
-    failures = []
-    for path in slides:
-        out_dir = args.out / path.stem
-        try:
-            if not path.is_file():
-                raise SlideError(f"{path}: no such file")
-            summary = classify_slide(
-                path,
-                runtime,
-                out_dir,
-                mpp=args.mpp,
-                batch_size=args.batch_size,
-                workers=args.workers,
-                min_tissue=args.min_tissue,
-            )
-            print(f"{path.name}: {summary['tiles']} tiles -> {out_dir}/")
-        except (SlideError, OSError, ValueError) as exc:
-            failures.append({"slide": str(path), "error": str(exc)})
-            print(f"error: {exc}", file=sys.stderr)
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "failures.json", json.dumps(failures, indent=2) + "\n")
+    try:
+        runtime = Runtime(args.model, device=args.device)
+    except (ModelLoadError, ValueError, RuntimeError) as exc:
+        print(f"error: cannot load model: {exc}", file=sys.stderr)
+        return 2
+    try:
+        failures = run_job(
+            slides,
+            runtime,
+            args.out,
+            progress=not args.no_progress,
+            mpp=args.mpp,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            min_tissue=args.min_tissue,
+        )
+    except KeyboardInterrupt:
+        print("interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
     if failures:
-        print(f"{len(failures)} of {len(slides)} slides failed; see {args.out / 'failures.json'}", file=sys.stderr)
+        print(f"{len(failures)} of {len(slides)} slides failed; see {args.out / FAILURES}", file=sys.stderr)
     return 1 if failures else 0
 
 

@@ -1,4 +1,4 @@
-"""Whole-slide job on real OpenSlide: a real Aperio slide and generated pyramidal TIFFs."""
+"""Whole-slide job on real OpenSlide and the shipped model: a real Aperio slide and generated pyramidal TIFFs."""
 
 from __future__ import annotations
 
@@ -8,21 +8,34 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import openslide
 import pytest
+from PIL import Image
 
+from service import slides as slides_module
 from service.runtime import Runtime
-from service.slides import SlideError, open_slide, slide_mpp, tile_grid, tissue_mask
-from service.wsi import classify_slide
+from service.slides import (
+    SlideError,
+    TileReader,
+    mpp_from_properties,
+    open_slide,
+    read_thumbnail,
+    slide_mpp,
+    tile_grid,
+    tissue_mask,
+)
+from service.wsi import PARTIAL, _exclusive, classify_slide, run_job
 from tests.slide_factory import tissue_image, write_pyramid
 
 ROOT = Path(__file__).resolve().parent.parent
 CMU = ROOT / "tests" / "fixtures" / "CMU-1-Small-Region.svs"
 BOX = (300, 450, 1050, 1350)  # tile-aligned at 150 px: columns 2-6, rows 3-8 -> 30 tiles
+BOX_TILES = {(x, y) for x in range(300, 1050, 150) for y in range(450, 1350, 150)}
 
 
 @pytest.fixture(scope="module")
@@ -34,24 +47,32 @@ def runtime() -> Runtime:
 def slides(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("slides")
     image = tissue_image(2048, 2048, [BOX])
-    double = np.repeat(np.repeat(image, 2, 0), 2, 1)  # same tissue scanned at twice the resolution
+    double = np.repeat(np.repeat(image, 2, 0), 2, 1)  # the same tissue scanned at twice the resolution
     return {
         "0.495": write_pyramid(d / "half.tiff", image, 0.495),
         "0.2475": write_pyramid(d / "quarter.tiff", double, 0.2475, levels=4),
         "no-mpp": write_pyramid(d / "nompp.tiff", image, None),
-        "broken": (d / "broken.svs").__class__(d / "broken.svs"),
     }
 
 
 def test_mpp_from_properties_tiff_tags_override_and_missing(slides):
-    cmu = open_slide(CMU)
-    assert slide_mpp(cmu, CMU) == (pytest.approx(0.499), "openslide.mpp-x")
+    assert slide_mpp(open_slide(CMU), CMU) == (pytest.approx(0.499), "openslide.mpp-x")  # Aperio MPP
     tiff = open_slide(slides["0.495"])
-    assert tiff.properties["tiff.ResolutionUnit"] == "centimeter"
-    assert slide_mpp(tiff, slides["0.495"])[0] == pytest.approx(0.495)
+    assert slide_mpp(tiff, slides["0.495"]) == (pytest.approx(0.495), "openslide.mpp-x")  # OpenSlide reads the tags
+    # Drivers that expose TIFF tags without deriving an mpp: the fallback reads the same tags.
+    tags_only = {k: v for k, v in tiff.properties.items() if not k.startswith("openslide.mpp")}
+    assert tags_only["tiff.ResolutionUnit"] == "centimeter"
+    assert mpp_from_properties(tags_only, "x.tiff") == (pytest.approx(0.495), "tiff.XResolution")
+    inch = {**tags_only, "tiff.ResolutionUnit": "inch", "tiff.XResolution": str(25_400 / 0.25)}
+    assert mpp_from_properties(inch, "x.tiff") == (pytest.approx(0.25), "tiff.XResolution")
     assert slide_mpp(tiff, slides["0.495"], override=0.25) == (0.25, "--mpp")
-    with pytest.raises(SlideError, match="no usable microns-per-pixel.*pass --mpp"):
-        slide_mpp(open_slide(slides["no-mpp"]), slides["no-mpp"])
+    no_mpp = open_slide(slides["no-mpp"])
+    assert "openslide.mpp-x" not in no_mpp.properties
+    with pytest.raises(SlideError, match=r"nompp\.tiff: no usable microns-per-pixel.*pass --mpp"):
+        slide_mpp(no_mpp, slides["no-mpp"])
+    assert slide_mpp(no_mpp, slides["no-mpp"], override=0.5) == (0.5, "--mpp")
+    with pytest.raises(SlideError, match="--mpp must be a positive number"):
+        mpp_from_properties({}, "x.tiff", override=0.0)
 
 
 def test_tissue_mask_and_tile_count_are_exact(slides, runtime):
@@ -59,12 +80,33 @@ def test_tissue_mask_and_tile_count_are_exact(slides, runtime):
     mask, ds = tissue_mask(slide)
     assert ds == 1.0
     x0, y0, x1, y1 = BOX
-    assert mask[y0 + 5 : y1 - 5, x0 + 5 : x1 - 5].mean() > 0.98
-    assert not mask[: y0 - 5].any() and not mask[:, x1 + 5 :].any() and not mask[y1 + 5 :].any()
+    assert mask[y0 + 2 : y1 - 2, x0 + 2 : x1 - 2].mean() > 0.999  # at most a faint texture block missed
+    outside = mask.copy()
+    outside[y0 - 2 : y1 + 2, x0 - 2 : x1 + 2] = False
+    assert not outside.any()
     grid = tile_grid(slide, 0.495, runtime.card.mpp, runtime.card.patch_size_pixels, mask, ds, 0.5)
-    assert grid.side == 150 and grid.n_grid == 13 * 13 and grid.level == 0
-    assert len(grid.coords) == 30
-    assert set(map(tuple, grid.coords)) == {(x, y) for x in range(300, 1050, 150) for y in range(450, 1350, 150)}
+    assert grid.side == 150 and grid.n_grid == 13 * 13 and grid.level == 0 and grid.read_size == 150
+    assert [tuple(c) for c in grid.coords] == sorted(BOX_TILES, key=lambda c: (c[1], c[0]))  # row-major
+    assert grid.tissue_fraction.min() > 0.99
+    # a box that half-covers one tile: in at min_tissue 0.5, out above it
+    half = np.zeros_like(mask)
+    half[450:600, 300:375] = True
+    fractions = tile_grid(slide, 0.495, 0.495, 150, half, 1.0, 0.0)
+    by_tile = dict(zip(map(tuple, fractions.coords), fractions.tissue_fraction, strict=True))
+    assert by_tile[(300, 450)] == pytest.approx(0.5) and by_tile[(450, 450)] == 0
+    assert len(tile_grid(slide, 0.495, 0.495, 150, half, 1.0, 0.5).coords) == 1
+    assert len(tile_grid(slide, 0.495, 0.495, 150, half, 1.0, 0.51).coords) == 0
+
+
+def test_thumbnail_read_in_strips_matches_one_read(monkeypatch):
+    slide = open_slide(CMU)
+    whole, ds = read_thumbnail(slide, 512)  # 2220 x 2967 fits one strip
+    monkeypatch.setattr(slides_module, "_STRIP_PIXELS", 2220 * 100)  # now ~30 strips
+    strips, strip_ds = read_thumbnail(slide, 512)
+    assert strips.size == whole.size == (383, 512) and strip_ds == ds == pytest.approx(2220 / 383)
+    assert np.abs(np.asarray(strips, np.float32) - np.asarray(whole, np.float32)).mean() < 1
+    reference = np.asarray(slide.get_thumbnail((512, 512)).convert("RGB"), np.float32)  # Lanczos, not box
+    assert np.abs(np.asarray(strips, np.float32) - reference).mean() < 5
 
 
 def test_same_tissue_at_two_resolutions_gives_the_same_grid_in_microns(slides, runtime):
@@ -75,47 +117,106 @@ def test_same_tissue_at_two_resolutions_gives_the_same_grid_in_microns(slides, r
         mask, ds = tissue_mask(slide)
         grids[key] = (tile_grid(slide, mpp, runtime.card.mpp, 150, mask, ds, 0.5), mpp)
     (fine, fine_mpp), (coarse, coarse_mpp) = grids["0.2475"], grids["0.495"]
+    # 300 level-0 pixels of the finer scan, read from its 2x level as 150-pixel squares
     assert fine.side == 300 and fine.level == 1 and fine.level_downsample == 2 and fine.read_size == 150
+    assert coarse.side == 150 and coarse.level == 0
     np.testing.assert_allclose(fine.coords * fine_mpp, coarse.coords * coarse_mpp)
+    # and the pixels are the same tissue: the finer scan's 2x level is the coarse scan, resampled
+    a = TileReader(slides["0.2475"], fine, 224).read_batch(fine.coords[:4]).astype(np.float32)
+    b = TileReader(slides["0.495"], coarse, 224).read_batch(coarse.coords[:4]).astype(np.float32)
+    assert np.abs(a - b).mean() < 12
 
 
 def test_outputs_of_a_slide(slides, runtime, tmp_path):
-    summary = classify_slide(slides["0.495"], runtime, tmp_path / "half", batch_size=8, progress=False)
     out = tmp_path / "half"
+    summary = classify_slide(slides["0.495"], runtime, out, batch_size=8, progress=False)
     with open(out / "tiles.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 30 == summary["tiles"]
-    assert list(rows[0])[:4] == ["x", "y", "width", "height"]
-    assert {f"prob_{c}" for c in runtime.classes} <= set(rows[0]) and "label" in rows[0]
+    assert {(int(r["x"]), int(r["y"])) for r in rows} == BOX_TILES
+    assert list(rows[0]) == [
+        "x",
+        "y",
+        "width",
+        "height",
+        *[f"prob_{c}" for c in runtime.classes],
+        "label",
+        "confidence",
+        "abstained",
+        "ood_score",
+        "ood",
+    ]
+    assert {r["width"] for r in rows} == {r["height"] for r in rows} == {"150"}
     probs = np.array([[float(r[f"prob_{c}"]) for c in runtime.classes] for r in rows])
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
+    assert [r["label"] for r in rows] == [runtime.classes[i] for i in probs.argmax(1)]
+
     geo = json.loads((out / "predictions.geojson").read_text())
     assert geo["type"] == "FeatureCollection" and len(geo["features"]) == 30
-    feature = geo["features"][0]
-    ring = feature["geometry"]["coordinates"][0]
-    assert feature["geometry"]["type"] == "Polygon" and ring[0] == ring[-1] and len(ring) == 5
-    assert feature["properties"]["objectType"] == "tile"
-    assert feature["properties"]["classification"]["name"] in runtime.classes + ["OOD"]
-    assert len(feature["properties"]["classification"]["color"]) == 3
-    assert set(runtime.classes) <= set(feature["properties"]["measurements"])
+    for feature, row in zip(geo["features"], rows, strict=True):
+        x, y = int(row["x"]), int(row["y"])
+        assert feature["type"] == "Feature" and feature["geometry"]["type"] == "Polygon"
+        assert feature["geometry"]["coordinates"] == [[[x, y], [x + 150, y], [x + 150, y + 150], [x, y + 150], [x, y]]]
+        props = feature["properties"]
+        assert props["objectType"] == "tile"
+        expected = "OOD" if row["ood"] == "True" else row["label"]
+        assert props["classification"]["name"] == expected and len(props["classification"]["color"]) == 3
+        assert all(0 <= v <= 255 for v in props["classification"]["color"])
+        assert {c: props["measurements"][c] for c in runtime.classes} == {
+            c: pytest.approx(float(row[f"prob_{c}"]), abs=1e-6) for c in runtime.classes
+        }
+
     assert summary["tissue_area_mm2"] == pytest.approx(750 * 900 * 0.495**2 / 1e6, rel=0.02)
-    assert summary["model_sha256"] == runtime.card.onnx_sha256 and summary["mpp_source"] == "openslide.mpp-x"
+    assert summary["model"] == runtime.card.name and summary["model_sha256"] == runtime.card.onnx_sha256
+    assert summary["mpp"] == pytest.approx(0.495) and summary["mpp_source"] == "openslide.mpp-x"
     assert sum(summary["class_counts"].values()) == 30
-    assert (out / "heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not (out / ".tiles.partial").exists()
-    # the pipeline's tile equals reading the region by hand and resizing it
-    slide = openslide.OpenSlide(str(slides["0.495"]))
+    assert sum(summary["class_fractions"].values()) == pytest.approx(1)
+    assert {"total", "inference", "tissue_mask", "outputs"} <= set(summary["timings_s"])
+    assert json.loads((out / "summary.json").read_text()) == summary
+    with Image.open(out / "heatmap.png") as heatmap:
+        assert heatmap.format == "PNG" and min(heatmap.size) > 200
+    assert sorted(p.name for p in out.iterdir()) == ["heatmap.png", "predictions.geojson", "summary.json", "tiles.csv"]
+    # the job's tile is the region read by hand and resized like training and /classify do
     first = rows[0]
-    from service.images import load_rgb  # noqa: F401  (same resize as the HTTP path)
-
-    region = slide.read_region((int(first["x"]), int(first["y"])), 0, (150, 150)).convert("RGB").resize((224, 224), 2)
-    pred = runtime.predict(np.asarray(region)[None])
-    np.testing.assert_allclose(pred.probabilities[0], probs[0], atol=1e-5)
+    region = openslide.OpenSlide(str(slides["0.495"])).read_region((int(first["x"]), int(first["y"])), 0, (150, 150))
+    pixels = np.asarray(region.convert("RGB").resize((224, 224), Image.BILINEAR))[None]
+    np.testing.assert_allclose(runtime.predict(pixels).probabilities[0], probs[0], atol=2e-6)
 
 
-def _run_cli(*args: str, **kw) -> subprocess.Popen:
+def test_failed_inference_stops_readers_and_the_rerun_resumes(slides, runtime, tmp_path):
+    out = tmp_path / "half"
+    calls = []
+
+    def failing(pixels: np.ndarray):
+        calls.append(len(pixels))
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return runtime.predict(pixels)
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        classify_slide(slides["0.495"], runtime, out, batch_size=8, workers=2, predict=failing, progress=False)
+    assert not [t for t in threading.enumerate() if t.name.startswith("tile-reader")]
+    assert (out / PARTIAL).read_text().count("\n") == 16 and not (out / "summary.json").exists()
+    summary = classify_slide(slides["0.495"], runtime, out, batch_size=8, workers=2, progress=False)
+    assert summary["resumed_tiles"] == 16 and summary["tiles"] == 30 and not (out / PARTIAL).exists()
+    again = classify_slide(slides["0.495"], runtime, out, batch_size=8, workers=2, progress=False)
+    assert again == summary  # finished with the same model and arguments: skipped, summary as written
+    with _exclusive(out), pytest.raises(SlideError, match="another job is writing this output folder"):
+        classify_slide(slides["0.495"], runtime, out, progress=False)
+
+
+def test_one_output_folder_per_slide_name(slides, runtime, tmp_path):
+    other = tmp_path / "elsewhere" / "half.tiff"
+    other.parent.mkdir()
+    other.write_bytes(slides["0.495"].read_bytes())
+    failures = run_job([slides["0.495"], slides["0.495"], other], runtime, tmp_path / "out", progress=False)
+    assert [f["slide"] for f in failures] == [str(other)] and "already belongs to" in failures[0]["error"]
+    assert json.loads((tmp_path / "out" / "half" / "summary.json").read_text())["slide"] == str(slides["0.495"])
+
+
+def _cli(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "-m", "service.wsi", *args],
+        [sys.executable, "-m", "service.wsi", "--no-progress", *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -124,56 +225,69 @@ def _run_cli(*args: str, **kw) -> subprocess.Popen:
     )
 
 
-def test_unreadable_slide_among_good_ones(slides, tmp_path):
+def test_unreadable_and_mpp_less_slides_among_good_ones(slides, tmp_path):
     broken = tmp_path / "broken.svs"
     broken.write_bytes(b"this is not a slide")
-    proc = _run_cli(str(slides["0.495"]), str(broken), str(CMU), "--out", str(tmp_path / "out"), "--batch-size", "16")
+    out = tmp_path / "out"
+    proc = _cli(str(slides["0.495"]), str(broken), str(slides["no-mpp"]), str(CMU), "--out", str(out))
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 1
-    failures = json.loads((tmp_path / "out" / "failures.json").read_text())
-    assert [f["slide"] for f in failures] == [str(broken)] and "cannot open" in failures[0]["error"]
-    assert (tmp_path / "out" / "half" / "summary.json").is_file()
-    assert (tmp_path / "out" / "CMU-1-Small-Region" / "tiles.csv").is_file()
-    assert "broken.svs" in err
+    assert proc.returncode == 1, err
+    failures = {Path(f["slide"]).name: f["error"] for f in json.loads((out / "failures.json").read_text())}
+    assert set(failures) == {"broken.svs", "nompp.tiff"}
+    assert "cannot open with OpenSlide" in failures["broken.svs"] and "pass --mpp" in failures["nompp.tiff"]
+    assert (out / "half" / "summary.json").is_file() and (out / "CMU-1-Small-Region" / "summary.json").is_file()
+    assert "broken.svs" in err and "2 of 4 slides failed" in err
+    # the missing mpp given on the command line: the slide goes through, at that mpp
+    proc = _cli(str(slides["no-mpp"]), "--mpp", "0.495", "--out", str(out))
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    assert json.loads((out / "failures.json").read_text()) == []
+    summary = json.loads((out / "nompp" / "summary.json").read_text())
+    assert summary["mpp_source"] == "--mpp" and summary["tiles"] == 30
 
 
 def test_kill_and_resume_gives_the_uninterrupted_outputs(tmp_path):
-    image = tissue_image(4096, 4096, [(0, 0, 4096, 4096)], seed=3)  # all tissue: 27 x 27 = 729 tiles
+    image = tissue_image(3000, 3000, [(0, 0, 3000, 3000)], seed=3)  # all tissue: 20 x 20 = 400 tiles
     slide = write_pyramid(tmp_path / "full.tiff", image, 0.495)
     args = [str(slide), "--batch-size", "4", "--workers", "2"]
-    reference = _run_cli(*args, "--out", str(tmp_path / "ref"))
-    reference.communicate(timeout=600)
-    assert reference.returncode == 0
-    partial = tmp_path / "resumed" / "full" / ".tiles.partial"
-    proc = _run_cli(*args, "--out", str(tmp_path / "resumed"), start_new_session=True)
+    reference = _cli(*args, "--out", str(tmp_path / "ref"))
+    _, err = reference.communicate(timeout=300)
+    assert reference.returncode == 0, err
+
+    out = tmp_path / "resumed"
+    partial = out / "full" / PARTIAL
+    proc = _cli(*args, "--out", str(out), start_new_session=True)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
         if partial.is_file() and partial.read_bytes().count(b"\n") >= 40:
             break
-        time.sleep(0.01)
+        time.sleep(0.005)
     assert proc.poll() is None, "the job finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
-    done_before = partial.read_bytes().count(b"\n")
-    assert 40 <= done_before < 729, "the kill must land mid-slide"
-    with open(partial, "ab") as handle:
-        handle.write(b"17,450,300,0.1")  # a torn line, as a kill mid-write would leave
-    again = _run_cli(*args, "--out", str(tmp_path / "resumed"))
-    _, err = again.communicate(timeout=600)
+    lines = partial.read_bytes().splitlines(keepends=True)
+    assert 40 <= len(lines) < 400, "the kill must land mid-slide"
+    # leave the worst state a kill can: a batch cut in two and a torn line
+    whole = len(lines) // 4 * 4
+    partial.write_bytes(b"".join(lines[: whole - 2]) + lines[whole - 2][:9])
+    again = _cli(*args, "--out", str(out))
+    _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err
+    assert f"resuming after {whole - 4} of 400 tiles" in err
 
-    def load(out: Path) -> list[dict]:
-        with open(out / "full" / "tiles.csv") as handle:
-            return list(csv.DictReader(handle))
-
-    ref, resumed = load(tmp_path / "ref"), load(tmp_path / "resumed")
-    assert len(resumed) == len(ref) == 729
-    assert [(r["x"], r["y"]) for r in resumed] == [(r["x"], r["y"]) for r in ref]  # none missing, none twice
-    assert [r["label"] for r in resumed] == [r["label"] for r in ref]
-    cols = [c for c in ref[0] if c.startswith("prob_")]
-    np.testing.assert_allclose(
-        [[float(r[c]) for c in cols] for r in resumed], [[float(r[c]) for c in cols] for r in ref], atol=1e-5
-    )
-    ref_geo = json.loads((tmp_path / "ref" / "full" / "predictions.geojson").read_text())
-    res_geo = json.loads((tmp_path / "resumed" / "full" / "predictions.geojson").read_text())
-    assert [f["geometry"] for f in res_geo["features"]] == [f["geometry"] for f in ref_geo["features"]]
+    for name in ("tiles.csv", "predictions.geojson", "heatmap.png"):
+        assert (out / "full" / name).read_bytes() == (tmp_path / "ref" / "full" / name).read_bytes(), name
+    with open(out / "full" / "tiles.csv") as handle:
+        rows = [(r["x"], r["y"]) for r in csv.DictReader(handle)]
+    assert len(rows) == len(set(rows)) == 400  # none missing, none twice
+    ref_summary, summary = (json.loads((d / "full" / "summary.json").read_text()) for d in (tmp_path / "ref", out))
+    assert summary["resumed_tiles"] == whole - 4
+    for key in ("timings_s", "tiles_per_s", "resumed_tiles", "slide"):
+        ref_summary.pop(key), summary.pop(key)
+    assert summary == ref_summary
+    assert sorted(p.name for p in (out / "full").iterdir()) == [
+        "heatmap.png",
+        "predictions.geojson",
+        "summary.json",
+        "tiles.csv",
+    ]
