@@ -12,9 +12,6 @@ import contextlib
 import csv
 import io
 import json
-import os
-import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -22,7 +19,7 @@ from typing import IO, Any
 import numpy as np
 from PIL import Image
 
-from models.card import write_atomic
+from models.card import atomic_file, write_atomic
 
 # Distinct colours (Okabe-Ito + extras), repeated if a model has more classes.
 PALETTE = [
@@ -89,23 +86,9 @@ class TileTable:
         return {c: int(n) for c, n in zip(self.classes, counts, strict=True)}
 
 
-@contextlib.contextmanager
-def atomic_text(path: Path) -> Iterator[IO[str]]:
-    """A text handle on a temporary file that replaces ``path`` only once fully written and synced."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def atomic_text(path: Path) -> contextlib.AbstractContextManager[IO[str]]:
+    """A text file written atomically (temporary file, fsync, rename)."""
+    return atomic_file(path, "w", encoding="utf-8", newline="")
 
 
 def _flag(values: np.ndarray | None, i: int) -> str | bool:
