@@ -74,6 +74,8 @@ class RequestGuard:
         self.app, self.max_bytes = app, max_bytes
 
     async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path") == "/model":  # the mounted app lives at /model/
+            scope = {**scope, "path": "/model/", "raw_path": b"/model/"}
         if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != "/classify":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])

@@ -67,7 +67,9 @@ def test_answers_equal_onnxruntime_on_the_same_images(served, runtime):
 
 
 def test_model_card_endpoint_and_bentoml_endpoints(served):
-    card = requests.get(f"{served}/model", timeout=10).json()
+    response = requests.get(f"{served}/model", timeout=10, allow_redirects=False)
+    assert response.status_code == 200
+    card = response.json()
     assert card["classes"][0] == "01_TUMOR" and card["input_size"] == 224
     assert requests.get(f"{served}/livez", timeout=10).status_code == 200
     assert "bentoml_service_request" in requests.get(f"{served}/metrics", timeout=10).text
