@@ -24,27 +24,29 @@ import torch
 from tqdm import tqdm
 
 from models.card import write_atomic
+from training.calibration import expected_calibration_error
 from training.data import file_sha256, load_patches, slide_split
 from training.embed import embed_files
 from training.encoders import build_encoder
 from training.metrics import auroc
 from training.noise import inject
-from training.robust import TrainConfig, knn_votes, train_head
+from training.robust import TrainConfig, fit_head, knn_votes, train_head
 from training.suspects import suspect_scores
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NOISE = ["none", "uniform:0.2", "uniform:0.4", "uniform:0.6", "uniform:0.8", "asym:0.2", "asym:0.4"]
-# name -> (head, method, loss); "default" is whatever training/train.py uses by default
+# name -> (head, method, loss, ensemble); "default" is whatever training/train.py uses by default
 METHODS = {
-    "mlp+ce (paper)": ("mlp", "standard", "ce"),
-    "linear+ce": ("linear", "standard", "ce"),
-    "mlp+gce": ("mlp", "standard", "gce"),
-    "mlp+sce": ("mlp", "standard", "sce"),
-    "mlp+nce_rce": ("mlp", "standard", "nce_rce"),
-    "coteach+ce": ("mlp", "coteach", "ce"),
-    "mlp+knn_clean+gce": ("mlp", "knn_clean", "gce"),
+    "mlp+ce (paper)": ("mlp", "standard", "ce", "single"),
+    "linear+ce": ("linear", "standard", "ce", "single"),
+    "mlp+gce": ("mlp", "standard", "gce", "single"),
+    "mlp+sce": ("mlp", "standard", "sce", "single"),
+    "mlp+nce_rce": ("mlp", "standard", "nce_rce", "single"),
+    "coteach+ce": ("mlp", "coteach", "ce", "single"),
+    "mlp+knn_clean+gce": ("mlp", "knn_clean", "gce", "single"),
 }
 CONTROL_METHODS = ["mlp+ce (paper)", "linear+ce", "default"]
+ONE_HEAD = "default, one head"  # the default without the slide ensemble: what the ensemble adds
 # encoder label -> (registry name, random init?, which methods)
 ENCODERS = {
     "imagenet-effnet-lite0-ms": ("efficientnet_lite0_ms", False, "all"),
@@ -53,9 +55,14 @@ ENCODERS = {
 }
 
 
-def default_method() -> tuple[str, str, str]:
+def default_method() -> tuple[str, str, str, str]:
     d = TrainConfig()
-    return d.head, d.method, d.loss  # with TrainConfig's other defaults (k, margin, epochs)
+    return d.head, d.method, d.loss, d.ensemble  # with TrainConfig's other defaults (k, margin, epochs)
+
+
+def all_methods() -> dict[str, tuple[str, str, str, str]]:
+    head, method, loss, _ = default_method()
+    return {**METHODS, ONE_HEAD: (head, method, loss, "single"), "default": default_method()}
 
 
 def run_sweep(args: argparse.Namespace) -> dict:
@@ -81,7 +88,7 @@ def run_sweep(args: argparse.Namespace) -> dict:
     encoders = {k: v for k, v in ENCODERS.items() if k in args.encoders}
     for extra in args.extra_encoder:
         encoders[Path(extra).name] = (extra, False, CONTROL_METHODS)
-    methods = {**METHODS, "default": default_method()}
+    methods = all_methods()
     runs: list[dict] = []
     started = time.perf_counter()
     for enc_label, (enc_name, random_init, wanted) in encoders.items():
@@ -91,42 +98,42 @@ def run_sweep(args: argparse.Namespace) -> dict:
         names = list(methods) if wanted == "all" else wanted
         jobs = [(m, n, s) for n in args.noise for m in names for s in range(args.seeds)]
         for method_name, noise, seed in tqdm(jobs, desc=enc_label, unit="run"):
-            head, method, loss = methods[method_name]
+            head, method, loss, ensemble = methods[method_name]
             y_noisy = y.copy()
             y_noisy[pool] = inject(y[pool], noise, len(classes), seed)
             config = TrainConfig(
                 head=head,
                 method=method,
                 loss=loss,
+                ensemble=ensemble,
                 seed=seed,
                 epochs=args.epochs,
                 knn_k=min(TrainConfig().knn_k, max(3, len(train_idx) // 20)),
             )
             t = time.perf_counter()
-            result = train_head(
-                x[train_idx],
-                y_noisy[train_idx],
-                x[val_idx],
-                y_noisy[val_idx],
-                len(classes),
-                config,
-                monitor={"clean_val": (x[val_idx], y[val_idx]), "test": (x[test_idx], y[test_idx])},
-            )
+            split = (x[train_idx], y_noisy[train_idx])
+            if ensemble == "slides":  # exactly what training/train.py fits
+                result = fit_head(*split, slides[train_idx], x[val_idx], y_noisy[val_idx], len(classes), config)
+            else:  # one head, with per-epoch accuracies to compare noisy- and clean-label model selection
+                monitor = {"clean_val": (x[val_idx], y[val_idx]), "test": (x[test_idx], y[test_idx])}
+                result = train_head(*split, x[val_idx], y_noisy[val_idx], len(classes), config, monitor=monitor)
             with torch.no_grad():
                 probs = torch.softmax(result.model(torch.from_numpy(x)), 1).numpy()
-            best = result.history[result.best_epoch - 1]
-            oracle = max(result.history, key=lambda h: h["clean_val"])
             record = {
                 "encoder": enc_label,
                 "method": method_name,
                 "noise": noise,
                 "seed": seed,
                 "test_accuracy": float((probs[test_idx].argmax(1) == y[test_idx]).mean()),
-                "test_accuracy_clean_selected": oracle["test"],
+                "test_ece": expected_calibration_error(probs[test_idx], y[test_idx]),
+                "test_accuracy_clean_selected": None,
                 "best_epoch": result.best_epoch,
                 "seconds": round(time.perf_counter() - t, 2),
             }
-            assert abs(best["test"] - record["test_accuracy"]) < 1e-6
+            if result.history:
+                best = result.history[result.best_epoch - 1]
+                assert abs(best["test"] - record["test_accuracy"]) < 1e-6
+                record["test_accuracy_clean_selected"] = max(result.history, key=lambda h: h["clean_val"])["test"]
             if noise != "none" and method_name == "default":
                 flipped = (y_noisy != y)[train_idx]
                 votes = knn_votes(x[train_idx], y_noisy[train_idx], len(classes), config.knn_k)
@@ -147,7 +154,8 @@ def run_sweep(args: argparse.Namespace) -> dict:
         "n_val": len(val_idx),
         "n_test": len(test_idx),
         "seeds": args.seeds,
-        "default": "+".join(default_method()) + f" (k={TrainConfig().knn_k}, margin={TrainConfig().clean_margin})",
+        "default": "+".join(default_method()[:3])
+        + f" (k={TrainConfig().knn_k}, margin={TrainConfig().clean_margin}, ensemble={TrainConfig().ensemble})",
         "sweep_seconds": round(sweep_seconds, 1),
         "runs": runs,
     }
@@ -225,14 +233,15 @@ def summarise(result: dict) -> list[dict]:
     table = []
     for (enc, method, noise), rs in rows.items():
         acc = np.array([r["test_accuracy"] for r in rs])
-        oracle = np.array([r["test_accuracy_clean_selected"] for r in rs])
+        oracle = [r["test_accuracy_clean_selected"] for r in rs]
         row = {
             "encoder": enc,
             "method": method,
             "noise": noise,
             "mean": float(acc.mean()),
             "std": float(acc.std()),
-            "clean_selected_mean": float(oracle.mean()),
+            "ece_mean": float(np.mean([r["test_ece"] for r in rs])),
+            "clean_selected_mean": float(np.mean(oracle)) if None not in oracle else None,
             "n": len(rs),
         }
         if "suspects_auroc" in rs[0]:
@@ -267,13 +276,27 @@ def write_markdown(result: dict, table: list[dict], path: Path) -> None:
         lines.append(f"| {enc} | {name} | " + " | ".join(vals) + " |")
     lines += [
         "",
-        "## Model selection on noisy vs clean validation labels (default method)",
+        "## Calibration on the held-out slides: expected calibration error (15 bins), mean over seeds",
+        "",
+        "Raw probabilities (temperature 1), clean test labels. The slide ensemble is what the default adds to "
+        f"`{ONE_HEAD}`.",
+        "",
+        "| encoder | method | " + " | ".join(noises) + " |",
+        "|---|---|" + "---|" * len(noises),
+    ]
+    for enc, method in dict.fromkeys((r["encoder"], r["method"]) for r in table):
+        vals = [f"{cells[(enc, method, n)]['ece_mean']:.3f}" if (enc, method, n) in cells else "" for n in noises]
+        name = f"**{method}**" if method == "default" else method
+        lines.append(f"| {enc} | {name} | " + " | ".join(vals) + " |")
+    lines += [
+        "",
+        f"## Model selection on noisy vs clean validation labels (`{ONE_HEAD}`, per-epoch)",
         "",
         "| encoder | noise | selected on noisy val | selected on clean val | gap |",
         "|---|---|---|---|---|",
     ]
     for r in table:
-        if r["method"] == "default":
+        if r["method"] == ONE_HEAD and r["clean_selected_mean"] is not None:
             gap = 100 * (r["clean_selected_mean"] - r["mean"])
             lines.append(
                 f"| {r['encoder']} | {r['noise']} | {100 * r['mean']:.1f} | "

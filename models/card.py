@@ -63,6 +63,9 @@ class EncoderInfo(_Strict):
 class HeadInfo(_Strict):
     kind: str = Field(description="'linear' or 'mlp'.")
     method: str = Field(description="Noise-robust training method, e.g. 'knn_clean+gce'.")
+    members: int = Field(
+        1, description="Heads averaged in the graph: one per group of training slides (slide ensemble), or 1."
+    )
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
 
 

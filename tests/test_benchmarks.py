@@ -39,7 +39,7 @@ def test_noise_sweep_on_a_tiny_subset(tmp_path):
             str(tmp_path),
         ]
     )
-    methods = {**noise.METHODS, "default": noise.default_method()}
+    methods = noise.all_methods()
     assert len(result["runs"]) == 2 * len(methods)
     assert result["n_test"] == 14 and "CRC-Prim-HE-07" not in result["val_slides"]
     assert all(0 <= r["test_accuracy"] <= 1 for r in result["runs"])

@@ -22,7 +22,7 @@ from training.calibration import (
 )
 from training.noise import uniform_noise
 from training.ood import MahalanobisScore
-from training.robust import TrainConfig, knn_clean, train_head
+from training.robust import TrainConfig, fit_head, knn_clean, train_head
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -52,6 +52,28 @@ def test_noise_aware_calibration_beats_naive_calibration_on_held_out_slide():
     assert t_naive > 2 * t_aware
     assert naive > 2 * after, (naive, after)
     assert after < 0.2 and before < 0.2
+
+
+def test_slide_ensemble_lowers_calibration_error_on_unseen_slides():
+    """The default head (slide ensemble) vs one head, 40 % uniform noise, two held-out slides."""
+    data = np.load(FIXTURES / "kather_embeddings.npz")
+    x, y, slides = data["embeddings"].astype(np.float32), data["labels"], data["slides"]
+    test = np.isin(slides, ["CRC-Prim-HE-01", "CRC-Prim-HE-07"])
+    val = slides == "CRC-Prim-HE-05"
+    train = ~test & ~val
+    single_ece, ensemble_ece = [], []
+    for seed in range(4):
+        noisy = y.copy()
+        noisy[~test] = uniform_noise(y[~test], 0.4, 8, seed=seed)
+        config = TrainConfig(knn_k=15, seed=seed)
+        single = train_head(x[train], noisy[train], x[val], noisy[val], 8, config).model
+        ensemble = fit_head(x[train], noisy[train], slides[train], x[val], noisy[val], 8, config).model
+        with torch.no_grad():
+            xt = torch.from_numpy(x[test])
+            single_ece.append(expected_calibration_error(softmax(single(xt).numpy()), y[test]))
+            ensemble_ece.append(expected_calibration_error(softmax(ensemble(xt).numpy()), y[test]))
+    # measured: 0.155 vs 0.112 (every seed lower); on the full held-out slides 0.152 vs 0.066
+    assert np.mean(ensemble_ece) < 0.85 * np.mean(single_ece), (single_ece, ensemble_ece)
 
 
 def test_selective_threshold_reaches_its_target():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from training.data import file_sha256, load_patches
 from training.embed import embed_files
 from training.encoders import build_encoder
 from training.noise import uniform_noise
-from training.robust import LOSSES, METHODS, TrainConfig, knn_clean, train_head
+from training.robust import LOSSES, METHODS, SlideEnsemble, TrainConfig, fit_head, knn_clean, slide_groups, train_head
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kather"
 
@@ -101,3 +102,34 @@ def test_unknown_method_or_loss_is_an_error(fixture_embeddings):
         train_head(x, y, x, y, n, TrainConfig(method="magic"))
     with pytest.raises(ValueError, match="unknown loss"):
         train_head(x, y, x, y, n, TrainConfig(loss="mse"))
+
+
+def test_slide_groups_deal_every_known_slide_once_into_balanced_groups():
+    slides = ["a"] * 50 + ["b"] * 40 + ["c"] * 30 + ["d"] * 20 + ["e"] * 10 + ["f"] * 10 + [""] * 7
+    groups = slide_groups(slides, 3)
+    assert sorted(sum(groups, [])) == ["a", "b", "c", "d", "e", "f"]  # unknown ids form no group
+    sizes = sorted(sum(slides.count(s) for s in g) for g in groups)
+    assert len(groups) == 3 and sizes == [50, 50, 60]
+    assert slide_groups(slides[:90], 5) == [["a"], ["b"]]
+
+
+def test_slide_ensemble_averages_members_trained_without_their_slides():
+    data = np.load(Path(__file__).parent / "fixtures" / "kather_embeddings.npz")
+    x, y, slides = data["embeddings"].astype(np.float32), data["labels"], data["slides"]
+    train = ~np.isin(slides, ["CRC-Prim-HE-07", "CRC-Prim-HE-05"])
+    val = slides == "CRC-Prim-HE-05"
+    config = TrainConfig(knn_k=15, seed=0)
+    result = fit_head(x[train], y[train], slides[train], x[val], y[val], 8, config)
+    assert isinstance(result.model, SlideEnsemble) and len(result.model.members) == 5
+    assert sorted(sum(result.member_slides, [])) == sorted(set(slides[train]))
+    with torch.no_grad():
+        xt = torch.from_numpy(x[:20])
+        mean = torch.stack([torch.softmax(m(xt), 1) for m in result.model.members]).mean(0)
+        assert torch.allclose(torch.softmax(result.model(xt), 1), mean, atol=1e-6)
+    # fewer than three slides, or asked for: one head
+    two = np.isin(slides, ["CRC-Prim-HE-06", "CRC-Prim-HE-03"])
+    assert not isinstance(fit_head(x[two], y[two], slides[two], x[val], y[val], 8, config).model, SlideEnsemble)
+    single = fit_head(x[train], y[train], slides[train], x[val], y[val], 8, replace(config, ensemble="single"))
+    assert not isinstance(single.model, SlideEnsemble) and single.member_epochs is None
+    with pytest.raises(ValueError, match="unknown ensemble"):
+        fit_head(x[train], y[train], slides[train], x[val], y[val], 8, replace(config, ensemble="bagging"))

@@ -63,8 +63,10 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     """ECE with equal-width confidence bins (Guo et al. 2017)."""
-    conf = probs.max(1)
-    correct = probs.argmax(1) == labels
+    return _binned_ece(probs.max(1), probs.argmax(1) == labels, n_bins)
+
+
+def _binned_ece(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
     edges = np.linspace(0, 1, n_bins + 1)
     ece = 0.0
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
@@ -72,6 +74,19 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: in
         if inside.any():
             ece += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
     return float(ece)
+
+
+def ece_floor(confidences: np.ndarray, n_bins: int = 15, draws: int = 500, seed: int = 0) -> tuple[float, float]:
+    """(mean, 95th percentile) ECE of a *perfectly* calibrated model with these confidences.
+
+    Each prediction is drawn right with probability equal to its confidence, so any ECE measured
+    this way is the binned estimator's own bias on this many samples: an ECE target below it
+    cannot be shown on that test set, whatever the model.
+    """
+    rng = np.random.default_rng(seed)
+    conf = np.asarray(confidences, dtype=float)
+    values = [_binned_ece(conf, rng.random(len(conf)) < conf, n_bins) for _ in range(draws)]
+    return float(np.mean(values)), float(np.percentile(values, 95))
 
 
 def selective_threshold(

@@ -54,10 +54,18 @@ def load_head(path: Path, kind: str, n_classes: int) -> nn.Module:
     from safetensors.torch import load_file
 
     from training.heads import make_head
+    from training.robust import SlideEnsemble
 
     state = load_file(str(path))
-    dim = state["0.mean"].shape[0]
-    head = make_head(kind, dim, n_classes, torch.zeros(dim), torch.ones(dim))
+    if "0.mean" in state:
+        dim = state["0.mean"].shape[0]
+        head: nn.Module = make_head(kind, dim, n_classes, torch.zeros(dim), torch.ones(dim))
+    else:  # slide ensemble: members.<i>.<layer>...
+        dim = state["members.0.0.mean"].shape[0]
+        n_members = len({k.split(".")[1] for k in state})
+        head = SlideEnsemble(
+            [make_head(kind, dim, n_classes, torch.zeros(dim), torch.ones(dim)) for _ in range(n_members)]
+        )
     head.load_state_dict(state)
     return head.eval()
 

@@ -14,6 +14,13 @@ and early stopping on a validation split whose labels are as noisy as the traini
 only kind in-house data has): for noise that keeps the true class the most frequent label of its
 tiles, accuracy on noisy labels is an increasing function of clean accuracy, so its maximum
 picks the same epoch.
+
+The default (``ensemble="slides"``, :func:`fit_head`) trains one such head per group of training
+slides, each on the other slides and early-stopped on its own left-out slides, and averages their
+probabilities. What it buys is trust in the numbers on slides never seen: on held-out Kather
+slides it halved the expected calibration error at every noise rate from 0 to 80 % at about the
+same accuracy (``benchmarks/noise.py``), because a tile that looks like no training slide gets
+members that disagree instead of one head that is sure.
 """
 
 from __future__ import annotations
@@ -80,10 +87,12 @@ class TrainConfig:
     knn_k: int = 30
     clean_margin: float = 0.15  # relabel only where the neighbours' top class leads the given label by this share
     forget_rate: float | None = None  # co-teaching: None = estimated from kNN disagreement
+    ensemble: str = "slides"  # "slides": one head per group of training slides (fit_head); "single"
+    ensemble_members: int = 5  # at most this many slide groups (members)
     seed: int = 0
 
     def describe(self) -> str:
-        return f"{self.method}+{self.loss}"
+        return f"{self.method}+{self.loss}" + (" (slide ensemble)" if self.ensemble == "slides" else "")
 
 
 @dataclass
@@ -93,6 +102,27 @@ class TrainResult:
     best_epoch: int
     history: list[dict] = field(default_factory=list)
     estimated_noise: float | None = None
+    member_epochs: list[int] | None = None  # slide ensemble: each member's best epoch
+    member_slides: list[list[str]] | None = None  # slide ensemble: the slides each member left out
+
+
+class SlideEnsemble(nn.Module):
+    """Mean of the members' probabilities, returned as log-probabilities.
+
+    Log-probabilities stand in wherever logits go (``softmax`` of them is the mean, temperature
+    scaling and the ONNX export apply unchanged).
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.members]).mean(0)
+        return torch.log(probs.clamp_min(1e-12))
+
+
+ENSEMBLES = ("slides", "single")
 
 
 def knn_votes(embeddings: np.ndarray, labels: np.ndarray, n_classes: int, k: int) -> np.ndarray:
@@ -205,3 +235,64 @@ def train_head(
         model.load_state_dict(best_state)
     model.eval()
     return TrainResult(model, labels, best_epoch, history, estimated_noise)
+
+
+def slide_groups(slides: list[str] | np.ndarray, max_groups: int) -> list[list[str]]:
+    """Slides dealt into at most ``max_groups`` groups of similar tile counts (largest slide first).
+
+    Unknown slide ids (empty strings) never form a group: those tiles train every member.
+    """
+    names, counts = np.unique([s for s in slides if s], return_counts=True)
+    groups: list[list[str]] = [[] for _ in range(min(max_groups, len(names)))]
+    sizes = np.zeros(len(groups))
+    for i in np.argsort(-counts, kind="stable"):
+        g = int(np.argmin(sizes))
+        groups[g].append(str(names[i]))
+        sizes[g] += counts[i]
+    return [sorted(g) for g in groups]
+
+
+def fit_head(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    slides_train: list[str] | np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    config: TrainConfig,
+) -> TrainResult:
+    """What ``training/train.py`` fits: the slide ensemble, or one head (``config.ensemble="single"``
+    or fewer than three known training slides).
+
+    Each member is :func:`train_head` on the tiles outside its slide group, early-stopped on the
+    group's (noisy) labels; ``x_val``/``y_val`` stay untouched for calibration and reporting.
+    """
+    if config.ensemble not in ENSEMBLES:
+        raise ValueError(f"unknown ensemble {config.ensemble!r}; choose from {', '.join(ENSEMBLES)}")
+    slides_train = np.asarray(slides_train)
+    groups = slide_groups(slides_train, config.ensemble_members) if config.ensemble == "slides" else []
+    if len(groups) < 3:
+        if config.ensemble == "slides":
+            log.warning("fewer than 3 training slides: one head instead of a slide ensemble")
+        return train_head(x_train, y_train, x_val, y_val, n_classes, config)
+    members, epochs = [], []
+    for group in groups:
+        out = np.isin(slides_train, group)
+        result = train_head(x_train[~out], y_train[~out], x_train[out], y_train[out], n_classes, config)
+        members.append(result.model)
+        epochs.append(result.best_epoch)
+        log.info("ensemble member without %s: best epoch %d", ",".join(group), result.best_epoch)
+    labels, estimated_noise = y_train, None
+    if config.method in ("knn_clean", "coteach"):  # the labels the ensemble stands for (OOD class means)
+        cleaned = knn_clean(x_train, y_train, n_classes, config.knn_k, config.clean_margin)
+        estimated_noise = float((cleaned != y_train).mean())
+        labels = cleaned if config.method == "knn_clean" else y_train
+    return TrainResult(
+        SlideEnsemble(members).eval(),
+        labels,
+        int(round(float(np.median(epochs)))),
+        [],
+        estimated_noise,
+        member_epochs=epochs,
+        member_slides=groups,
+    )
