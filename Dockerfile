@@ -92,6 +92,7 @@ ENV HISTO_MODEL_DIR=/app/models/default \
     HISTO_MAX_IMAGES=64 \
     HISTO_MAX_BODY_MB=32 \
     HISTO_THREADS=0 \
+    HISTO_API_WORKERS=auto \
     BENTOML_HOME=/tmp/bentoml \
     BENTOML_DO_NOT_TRACK=true \
     MPLCONFIGDIR=/tmp/matplotlib

@@ -83,7 +83,7 @@ def ood_sets(tiles: list[Path], seed: int) -> dict[str, list[Image.Image]]:
     return {"ihc": ihc, "natural photographs": natural, "blurred H&E": blurred, "pen-marked H&E": pen}
 
 
-def measure(args: argparse.Namespace, seed: int, model_dir: Path, out: Path | None) -> dict:
+def measure(args: argparse.Namespace, seed: int, model_dir: Path, picture: Path | None) -> dict:
     """Train at ``seed`` (noise draw, split, heads), then measure the served model on the held-out slides."""
     report = train.main(
         [
@@ -162,9 +162,9 @@ def measure(args: argparse.Namespace, seed: int, model_dir: Path, out: Path | No
         "auroc": auroc(np.r_[ind_scores, every], np.r_[np.zeros(len(ind_scores)), np.ones(len(every))]),
         "flagged": float((every > runtime.ood_threshold).mean()),
     }
-    if out is not None:
+    if picture is not None:
         reliability_diagram(
-            out / "confidence.png",
+            picture,
             {
                 "served (default: no temperature)": (probs, y),
                 f"oracle temperature {oracle_t:.2f} (fitted on the test labels)": (softmax(z, oracle_t), y),
@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--noise", default="uniform:0.4")
     p.add_argument("--seeds", type=int, default=3, help="noise draws / training seeds (0..N-1)")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default="confidence", help="stem of the result files (e.g. for other held-out slides)")
     p.add_argument("--model-dir", type=Path, default=None, help="keep the seed-0 model here (default: temp)")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -187,7 +188,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(args.seeds):
             model_dir = args.model_dir if (args.model_dir and seed == 0) else Path(tmp) / f"model-{seed}"
-            runs.append(measure(args, seed, model_dir, args.out if seed == 0 else None))
+            runs.append(measure(args, seed, model_dir, args.out / f"{args.name}.png" if seed == 0 else None))
     keys = [k for k, v in runs[0].items() if isinstance(v, float)]
     mean = {k: float(np.mean([r[k] for r in runs if r[k] is not None])) for k in keys}
     result = {
@@ -235,8 +236,8 @@ def main(argv: list[str] | None = None) -> dict:
         auc = np.mean([r["ood"][name]["auroc"] for r in runs])
         flagged = np.mean([r["ood"][name]["flagged"] for r in runs])
         lines.append(f"| {name} | {first['ood'][name]['n']} | {auc:.3f} | {100 * flagged:.1f} % |")
-    write_atomic(args.out / "confidence.json", json.dumps(result, indent=1) + "\n")
-    write_atomic(args.out / "confidence.md", "\n".join(lines) + "\n")
+    write_atomic(args.out / f"{args.name}.json", json.dumps(result, indent=1) + "\n")
+    write_atomic(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
 

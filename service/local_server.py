@@ -27,10 +27,11 @@ def start_server(
     """`bentoml serve service.service:HistoClassifier` on a free port; returns (process, base URL) once ready."""
     port = free_port()
     env = {**os.environ, "HISTO_MODEL_DIR": str(ROOT / "models" / "default"), **env_extra}
-    bentoml = Path(sys.executable).with_name("bentoml")
+    script = Path(sys.executable).with_name("bentoml")  # the venv's CLI; else bentoml on this interpreter's path
+    bentoml = [str(script)] if script.exists() else [sys.executable, "-m", "bentoml"]
     log = open(log_path, "wb") if log_path else subprocess.DEVNULL  # noqa: SIM115 - lives as long as the server
     proc = subprocess.Popen(
-        [str(bentoml), "serve", "service.service:HistoClassifier", "--host", "127.0.0.1", "--port", str(port)],
+        [*bentoml, "serve", "service.service:HistoClassifier", "--host", "127.0.0.1", "--port", str(port)],
         cwd=ROOT,
         env=env,
         stdout=log,

@@ -130,9 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("cleaned", "transition", "none"),
         default="none",
         help="temperature put into the graph: fitted on kNN-cleaned validation labels, fitted through an "
-        "estimated noise transition, or none. Both fits are always reported in report.json; the default "
-        "is none because the default head's raw probabilities measured best on held-out slides "
-        "(benchmarks/confidence.py, README)",
+        "estimated noise transition, or none. Both fits are always reported in report.json. Default none: "
+        "the slide ensemble's raw probabilities measured best on the default's held-out slides, a fitted "
+        "temperature on harder ones (benchmarks/confidence.py, README)",
     )
     p.add_argument(
         "--target-selective-accuracy",
@@ -346,8 +346,8 @@ def _fit_confidence(
         test_logits = head(torch.from_numpy(x_test)).numpy() if x_test is not None else None
     cleaned = votes.argmax(1)
     transition = estimate_transition(cleaned[train_idx], y_noisy[train_idx], n)
-    # The transition-adjusted fit (softmax(z/t) @ T vs given labels) swings with small validation
-    # sets; fitting on the kNN-cleaned labels measured steadier on held-out slides (tests, README).
+    # Both fits use one validation slide group, so they carry its difficulty: they help on unseen
+    # slides harder than it and hurt on easier ones (benchmarks/confidence.py, README).
     cleaned_temperature = fit_temperature(logits[val_idx], cleaned[val_idx])
     transition_temperature = fit_temperature(logits[val_idx], y_noisy[val_idx], transition)
     temperature = {"cleaned": cleaned_temperature, "transition": transition_temperature, "none": 1.0}[args.calibration]
