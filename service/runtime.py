@@ -100,13 +100,19 @@ class Runtime:
         device: str | None = None,
         variant: str | None = None,
         intra_op_threads: int | None = None,
+        spinning: bool = True,
     ) -> None:
+        """``spinning=False`` when other threads or processes need the same cores (the WSI job's tile
+        readers, the service's front-end workers): ONNX Runtime's idle intra-op threads otherwise
+        busy-wait between batches and starve them."""
         self.model = model_dir if isinstance(model_dir, ModelDir) else load_model_dir(model_dir or model_dir_from_env())
         self.card: ModelCard = self.model.card
         path = self.model.variant_path(variant or os.environ.get("HISTO_MODEL_VARIANT"))
         options = ort.SessionOptions()
         threads = intra_op_threads if intra_op_threads is not None else int(os.environ.get("HISTO_THREADS", "0"))
         options.intra_op_num_threads = threads
+        if not spinning:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.providers = choose_providers(device)
         try:

@@ -133,7 +133,7 @@ class Inference:
     """onnxruntime behind BentoML's adaptive batching: one call per batch of images."""
 
     def __init__(self) -> None:
-        self.runtime = Runtime(_load_model_or_exit())
+        self.runtime = Runtime(_load_model_or_exit(), spinning=False)  # front-end workers share the cores
         log.info(
             "inference on %s, batching=%s max_batch_size=%d max_latency_ms=%d",
             self.runtime.providers[0],
@@ -230,7 +230,7 @@ class HistoClassifier:
         from service.wsi import classify_slide
 
         if self._slide_runtime is None:
-            self._slide_runtime = Runtime(self.model)
+            self._slide_runtime = Runtime(self.model, spinning=False)
         with tempfile.TemporaryDirectory() as tmp:
             named = Path(tmp) / _client_name(slide)  # OpenSlide picks its driver by the file name's suffix
             named.symlink_to(Path(slide).resolve())

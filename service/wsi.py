@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     try:
-        runtime = Runtime(args.model, device=args.device)
+        runtime = Runtime(args.model, device=args.device, spinning=False)  # the tile readers share the cores
     except (ModelLoadError, ValueError, RuntimeError) as exc:
         print(f"error: cannot load model: {exc}", file=sys.stderr)
         return 2
