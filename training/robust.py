@@ -18,9 +18,10 @@ picks the same epoch.
 The default (``ensemble="slides"``, :func:`fit_head`) trains one such head per group of training
 slides, each on the other slides and early-stopped on its own left-out slides, and averages their
 probabilities. What it buys is trust in the numbers on slides never seen: on held-out Kather
-slides it halved the expected calibration error at every noise rate from 0 to 80 % at about the
-same accuracy (``benchmarks/noise.py``), because a tile that looks like no training slide gets
-members that disagree instead of one head that is sure.
+slides it cut the expected calibration error by 33 to 63 % at every noise rate from 0 to 80 %,
+with 1.7 to 4.1 points more accuracy up to 60 % noise and 7 fewer at 80 % (``benchmarks/noise.py``),
+because a tile that looks like no training slide gets members that disagree instead of one head
+that is sure.
 """
 
 from __future__ import annotations

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=ENSEMBLES,
         default=defaults.ensemble,
         help="slides: average one head per group of training slides, each early-stopped on the slides it "
-        "left out (halves calibration error on unseen slides, benchmarks/noise.py); single: one head",
+        "left out (a third to two thirds less calibration error on unseen slides, benchmarks/noise.py); "
+        "single: one head",
     )
     p.add_argument(
         "--inject-noise",
