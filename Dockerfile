@@ -94,8 +94,7 @@ ENV HISTO_MODEL_DIR=/app/models/default \
     HISTO_THREADS=0 \
     HISTO_API_WORKERS=auto \
     BENTOML_HOME=/tmp/bentoml \
-    BENTOML_DO_NOT_TRACK=true \
-    MPLCONFIGDIR=/tmp/matplotlib
+    BENTOML_DO_NOT_TRACK=true
 
 USER 10001:10001
 EXPOSE 3000

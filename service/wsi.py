@@ -395,7 +395,7 @@ def _write_outputs(slide: openslide.OpenSlide, path: Path, card: ModelCard, tabl
         thumbnail,
         thumb_ds,
         table,
-        f"{path.name}: {card.name}, {len(table)} tissue tiles of {card.patch_size_um:.0f} µm",
+        f"{path.name}: {card.name}, {len(table)} tissue tiles of {card.patch_size_um:.0f} microns",
     )
 
 

@@ -302,3 +302,38 @@ def test_sessions_that_share_cores_with_readers_do_not_spin():
     pixels = np.zeros((2, quiet.input_size, quiet.input_size, 3), np.uint8)
     loud = Runtime(ROOT / "models" / "default", device="cpu")
     assert np.allclose(quiet.predict(pixels).probabilities, loud.predict(pixels).probabilities, atol=1e-6)
+
+
+def test_heatmap_paints_each_tile_in_its_class_colour_with_a_legend(tmp_path):
+    """Two class tiles and one OOD tile on a white 100 × 60 thumbnail (downsample 10 from level 0)."""
+    from service.outputs import OOD_COLOUR, TileTable, class_colours, write_heatmap
+
+    classes = ["tumour", "stroma"]
+    table = TileTable(
+        classes,
+        200,
+        np.array([[0, 0], [200, 0], [400, 200]]),
+        np.array([[0.9, 0.1], [0.2, 0.8], [0.6, 0.4]], np.float32),
+        np.array([0.0, 0.0, 9.0], np.float32),
+        ood_threshold=1.0,
+    )
+    write_heatmap(tmp_path / "h.png", Image.new("RGB", (100, 60), "white"), 10.0, table, "three tiles")
+    colours = class_colours(classes)
+    with Image.open(tmp_path / "h.png") as png:
+        assert png.format == "PNG"
+        canvas = np.asarray(png.convert("RGB")).astype(int)
+    white = np.full(3, 255)
+    # the thumbnail sits under a title band: find its top edge from the first tumour-coloured pixel
+    expect = {name: np.round(0.45 * white + 0.55 * np.array(c)).astype(int) for name, c in colours.items()}
+    expect["ood"] = np.round(0.45 * white + 0.55 * np.array(OOD_COLOUR)).astype(int)
+    rows = np.nonzero((np.abs(canvas[:, 10] - expect["tumour"]) <= 1).all(1))[0]
+    top = int(rows[0])
+    assert len(rows) == 20  # the 200 px tile is 20 thumbnail px tall
+    centre = {"tumour": (10, 10), "stroma": (30, 10), "ood": (50, 30)}  # (x, y) in thumbnail px
+    for name, (x, y) in centre.items():
+        np.testing.assert_allclose(canvas[top + y, x], expect[name], atol=1)
+    np.testing.assert_array_equal(canvas[top + 50, 90], white)  # no tile there: the thumbnail as it was
+    assert canvas.shape[1] > 100 + 50  # a legend to the right of the thumbnail
+    legend = canvas[:, 100:]
+    for colour in (*colours.values(), OOD_COLOUR):  # every class swatch, and OOD since one tile is OOD
+        assert (legend == np.array(colour)).all(2).sum() >= 100
