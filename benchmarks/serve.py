@@ -2,11 +2,17 @@
 
     python benchmarks/serve.py [--seconds 20] [--clients 32]
 
-1. raw: ``Runtime.predict`` on batches of ``--batch`` decoded tiles, in this process;
+1. raw: ``Runtime.predict`` on batches of ``--batch`` decoded tiles, in this process, and on
+   single tiles (batch 1): their ratio is all that batching can gain from the model on this device;
 2. batched: ``bentoml serve`` with adaptive batching, ``--clients`` threads each posting one tile
    per request for ``--seconds``;
 3. unbatched: the same server with ``HISTO_BATCHING=0``, same load.
 Prints images/s and the ratios HTTP/raw (target ≥ 0.85) and batched/unbatched (target ≥ 3).
+
+It also accounts for CPU time: core-milliseconds per image spent by raw inference and, during the
+batched run, by each server process and by the load generator. Without an accelerator they all
+share the same cores, so HTTP can reach at most raw core-ms / total core-ms per image of raw
+throughput, whatever the server does with its time.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -31,18 +38,49 @@ ROOT = Path(__file__).resolve().parent.parent
 TILES = sorted((ROOT / "tests" / "fixtures" / "kather").glob("*/*.webp"))
 
 
-def raw_throughput(batch: int, seconds: float) -> float:
+def raw_throughput(batch: int, seconds: float) -> tuple[float, float]:
+    """(images/s, CPU core-ms per image) of ``Runtime.predict`` on ``batch`` decoded tiles at a time."""
     runtime = Runtime(ROOT / "models" / "default", device="cpu")
-    pixels = np.stack([load_rgb(t.read_bytes(), t.name, runtime.input_size, 8) for t in TILES[:batch]])
+    pixels = np.stack([load_rgb(t.read_bytes(), t.name, runtime.input_size, 8) for t in (TILES * batch)[:batch]])
     runtime.predict(pixels)  # warm-up
-    done, start = 0, time.perf_counter()
+    done, start, cpu = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         runtime.predict(pixels)
         done += len(pixels)
-    return done / (time.perf_counter() - start)
+    return done / (time.perf_counter() - start), 1000 * (time.process_time() - cpu) / done
 
 
-def http_throughput(url: str, clients: int, seconds: float) -> float:
+def _cpu_seconds(pids: dict[int, str]) -> dict[str, float]:
+    """User + system CPU seconds so far of each process, by role."""
+    import psutil
+
+    out: dict[str, float] = {}
+    for pid, role in pids.items():
+        try:
+            t = psutil.Process(pid).cpu_times()
+        except psutil.Error:
+            continue
+        out[role] = out.get(role, 0.0) + t.user + t.system
+    return out
+
+
+def _snapshot(into: dict[str, float], roles: dict[int, str]) -> None:
+    into.update(_cpu_seconds(roles))
+
+
+def server_roles(proc) -> dict[int, str]:
+    """The server's processes by role: the inference worker, the HTTP front-end workers, the supervisor."""
+    import psutil
+
+    roles = {proc.pid: "supervisor"}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        cmd = " ".join(child.cmdline())
+        roles[child.pid] = "inference worker" if "histo_inference" in cmd else "front-end workers"
+    roles[os.getpid()] = "load generator"
+    return roles
+
+
+def http_throughput(url: str, clients: int, seconds: float, on_start=None) -> tuple[float, int]:
     """``clients`` concurrent connections (one asyncio client: the load generator must not eat the CPU
     the server needs), each posting one tile per request back to back for ``seconds``."""
     import asyncio
@@ -70,9 +108,11 @@ def http_throughput(url: str, clients: int, seconds: float) -> float:
         async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=clients)) as session:
             await client(0, session, time.perf_counter() + 2)  # warm-up
             counts[0] = 0
+            if on_start is not None:
+                on_start()
             start = time.perf_counter()
             await asyncio.gather(*(client(i, session, start + seconds) for i in range(clients)))
-            return sum(counts) / (time.perf_counter() - start)
+            return sum(counts) / (time.perf_counter() - start), sum(counts)
 
     return asyncio.run(run())
 
@@ -85,7 +125,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     args = p.parse_args(argv)
     result = {"clients": args.clients, "batch": args.batch, "seconds": args.seconds, "cpu_count": os.cpu_count()}
-    result["raw_onnxruntime"] = raw_throughput(args.batch, args.seconds)
+    result["raw_onnxruntime"], raw_core_ms = raw_throughput(args.batch, args.seconds)
+    result["raw_onnxruntime_batch1"], _ = raw_throughput(1, args.seconds)
+    result["raw_core_ms_per_image"] = raw_core_ms
     for name, env in [
         ("http_batched", {"HISTO_MAX_BATCH_SIZE": str(args.batch), "HISTO_MAX_LATENCY_MS": "10000"}),
         ("http_unbatched", {"HISTO_BATCHING": "0"}),
@@ -94,19 +136,36 @@ def main(argv: list[str] | None = None) -> dict:
         log.parent.mkdir(parents=True, exist_ok=True)
         proc, url = start_server({**env, "HISTO_DEVICE": "cpu", "HISTO_MAX_BODY_MB": "32"}, log_path=log)
         try:
-            result[name] = http_throughput(url, args.clients, args.seconds)
+            roles = server_roles(proc)
+            before: dict[str, float] = {}
+            result[name], images = http_throughput(
+                url, args.clients, args.seconds, on_start=partial(_snapshot, before, roles)
+            )
+            after = _cpu_seconds(roles)
+            result[f"{name}_core_ms_per_image"] = {
+                role: 1000 * (after[role] - before.get(role, 0.0)) / images for role in sorted(after)
+            }
         finally:
             stop_server(proc)
     result["http_over_raw"] = result["http_batched"] / result["raw_onnxruntime"]
     result["batched_over_unbatched"] = result["http_batched"] / result["http_unbatched"]
+    result["raw_batch_over_batch1"] = result["raw_onnxruntime"] / result["raw_onnxruntime_batch1"]
+    spent = result["http_batched_core_ms_per_image"]
+    result["cpu_only_http_ceiling"] = raw_core_ms / sum(spent.values())
     lines = [
         f"images/s, model {Runtime(ROOT / 'models' / 'default', device='cpu').card.name}, CPU, "
-        f"{args.clients} clients x 1 image/request, {args.seconds:.0f} s each",
+        f"{args.clients} clients x 1 image/request, {args.seconds:.0f} s each, {os.cpu_count()} CPUs",
         f"  raw onnxruntime (batch {args.batch}) : {result['raw_onnxruntime']:8.1f}",
         f"  HTTP, adaptive batching       : {result['http_batched']:8.1f}",
         f"  HTTP, batching off            : {result['http_unbatched']:8.1f}",
         f"  HTTP / raw                    : {result['http_over_raw']:8.2f}  (target >= 0.85)",
         f"  batched / unbatched           : {result['batched_over_unbatched']:8.2f}  (target >= 3)",
+        f"  raw batch 1                   : {result['raw_onnxruntime_batch1']:8.1f}  "
+        f"(raw batch {args.batch} / batch 1 = {result['raw_batch_over_batch1']:.2f}: the most batching gains here)",
+        f"CPU core-ms per image: raw inference {raw_core_ms:.2f}; HTTP with batching "
+        + ", ".join(f"{role} {ms:.2f}" for role, ms in spent.items())
+        + f" = {sum(spent.values()):.2f}",
+        f"  -> on shared CPU cores HTTP / raw can reach at most {result['cpu_only_http_ceiling']:.2f}",
     ]
     print("\n".join(lines))
     result["report"] = lines

@@ -10,6 +10,11 @@ a separate process just before and just after the job (the mean of the two, beca
 on a shared machine moves both). Prints end-to-end / raw tiles/s (target ≥ 0.9) and the peak RSS
 of the largest slide over the smallest (target ≤ 1.2), and writes ``benchmarks/results/wsi.txt``
 and ``wsi.json``.
+
+It also prints the CPU time one tile costs to read (OpenSlide decode + resize, one thread) and to
+infer: without an accelerator both run on the same cores, so the streaming phase can reach at most
+inference / (inference + reading) of raw inference; the tissue mask and the outputs are fixed
+costs per slide on top.
 """
 
 from __future__ import annotations
@@ -55,12 +60,17 @@ mpp = slide_mpp(slide, path)[0]
 mask, ds = tissue_mask(slide)
 grid = tile_grid(slide, mpp, runtime.card.mpp, runtime.card.patch_size_pixels, mask, ds, DEFAULT_MIN_TISSUE)
 reader = TileReader(path, grid, runtime.input_size)
-pixels = reader.read_batch(grid.coords[:limit])
+cpu = time.process_time()
+pixels = reader.read_batch(grid.coords[:limit])  # one thread: its CPU time is the reading cost per tile
+read_cpu = time.process_time() - cpu
 runtime.predict(pixels[:batch])  # warm-up: first-call allocations
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 for s in range(0, len(pixels), batch):
     runtime.predict(pixels[s : s + batch])
-print("RAW", json.dumps({"tiles": len(pixels), "tiles_per_s": len(pixels) / (time.perf_counter() - start)}))
+wall, infer_cpu = time.perf_counter() - start, time.process_time() - cpu
+n = len(pixels)
+print("RAW", json.dumps({"tiles": n, "tiles_per_s": n / wall, "read_core_ms": 1000 * read_cpu / n,
+                         "infer_core_ms": 1000 * infer_cpu / n}))
 """
 
 
@@ -146,6 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
             run = run_job(slide, tmp / "out", args.model, args.batch, args.workers)
             after = raw_inference(slide, args.model, args.batch, args.raw_tiles)
             raw = (before["tiles_per_s"] + after["tiles_per_s"]) / 2
+            read_ms = (before["read_core_ms"] + after["read_core_ms"]) / 2
+            infer_ms = (before["infer_core_ms"] + after["infer_core_ms"]) / 2
             e2e = run["tiles"] / run["job_seconds"]
             streamed = run["tiles"] / run["timings_s"]["tiles"]
             run.update(
@@ -158,6 +170,11 @@ def main(argv: list[str] | None = None) -> dict:
                 streaming_tiles_per_s=streamed,
                 end_to_end_over_raw=e2e / raw,
                 streaming_over_raw=streamed / raw,
+                read_core_ms_per_tile=read_ms,
+                inference_core_ms_per_tile=infer_ms,
+                # when reading and inference share the same CPU cores (no accelerator), streaming can
+                # reach at most this fraction of raw inference, however the work is scheduled
+                cpu_only_streaming_ceiling=infer_ms / (infer_ms + read_ms),
             )
             result["runs"][str(side)] = run
             slide.unlink()
@@ -165,7 +182,10 @@ def main(argv: list[str] | None = None) -> dict:
                 f"{side:>6} x {side:<6} ({run['tiles']:5d} tissue tiles): end to end {e2e:6.1f} tiles/s, "
                 f"streaming phase {streamed:6.1f}, raw inference {raw:6.1f} (before {before['tiles_per_s']:.1f}, "
                 f"after {after['tiles_per_s']:.1f}) -> end to end / raw {e2e / raw:.2f}, streaming / raw "
-                f"{streamed / raw:.2f}; peak RSS {run['peak_rss_mb']:.0f} MB"
+                f"{streamed / raw:.2f}; peak RSS {run['peak_rss_mb']:.0f} MB; CPU per tile: reading "
+                f"{read_ms:.2f} ms, inference {infer_ms:.2f} ms -> streaming ceiling on shared cores "
+                f"{run['cpu_only_streaming_ceiling']:.2f}; fixed costs: tissue mask "
+                f"{run['timings_s']['tissue_mask']:.2f} s, outputs {run['timings_s']['outputs']:.2f} s"
             )
             print(line, flush=True)
             lines.append(line)

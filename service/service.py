@@ -5,8 +5,10 @@
 Two BentoML services in one ``bentoml serve``: ``HistoClassifier`` faces HTTP (multipart
 parsing, decoding, validation, response shaping) and hands uint8 arrays to ``Inference``, whose
 ``predict`` is ``batchable``: BentoML's adaptive batching groups the images of concurrent
-requests into one onnxruntime call. Settings come from the environment, so nothing is edited
-to tune a deployment:
+requests into one onnxruntime call. Each front-end worker first merges the images of its own
+concurrent requests into one call (:mod:`service.coalesce`), so the single inference process
+pays its per-call cost once per group rather than once per image. Settings come from the
+environment, so nothing is edited to tune a deployment:
 
 ``HISTO_MODEL_DIR`` (models/default) · ``HISTO_DEVICE`` (auto|cpu|cuda) · ``HISTO_MAX_BATCH_SIZE``
 (64) · ``HISTO_MAX_LATENCY_MS`` (10000) · ``HISTO_BATCHING`` (1; 0 turns batching off) ·
@@ -30,6 +32,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from models.card import ModelLoadError, load_model_dir
+from service.coalesce import Coalescer
 from service.images import BadImage, load_rgb
 from service.runtime import Runtime, model_dir_from_env, serving_thresholds
 from service.schemas import ClassifyResponse, ErrorBody, PatchResult, SlideResult
@@ -175,6 +178,8 @@ class HistoClassifier:
         _CARD_JSON.update(self.card.model_dump(mode="json"))
         self.abstain_threshold, self.ood_threshold = serving_thresholds(self.card)
         self.min_side = max(8, self.card.patch_size_pixels // 2)
+        # images of concurrent requests in this worker share one inference call (batching on only)
+        self._coalesce = Coalescer(self._infer, MAX_BATCH_SIZE) if BATCHING else None
 
     @bentoml.api(route="/classify")
     async def classify(self, images: list[Path]) -> ClassifyResponse:
@@ -188,7 +193,7 @@ class HistoClassifier:
             pixels = await asyncio.to_thread(self._decode, images, names)
         except _IndexedBadImage as exc:
             return _error(exc.status, "bad_image", str(exc.bad), exc.index)
-        out = await self._infer(pixels)
+        out = await (self._coalesce(pixels) if self._coalesce is not None else self._infer(pixels))
         if out is None:
             return _error(
                 503,

@@ -50,3 +50,33 @@ def test_noise_sweep_on_a_tiny_subset(tmp_path):
     table = (tmp_path / "noise.md").read_text()
     assert "| imagenet-effnet-lite0-ms | **default** |" in table and "uniform:0.4" in table
     assert (tmp_path / "noise.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_serve_benchmark_measures_every_server_and_accounts_for_cpu(tmp_path):
+    """A one-second run of ``benchmarks/serve.py``: real servers, real load, numbers that add up."""
+    result = _load("serve").main(
+        ["--seconds", "1", "--clients", "4", "--batch", "8", "--out", str(tmp_path / "s.json")]
+    )
+    assert json.loads((tmp_path / "s.json").read_text())["report"] == result["report"]
+    for key in ("raw_onnxruntime", "raw_onnxruntime_batch1", "http_batched", "http_unbatched"):
+        assert result[key] > 0, key
+    assert result["http_over_raw"] == result["http_batched"] / result["raw_onnxruntime"]
+    spent = result["http_batched_core_ms_per_image"]
+    assert {"inference worker", "front-end workers", "load generator"} <= set(spent)
+    # the inference worker runs the model, so it costs at least a good part of raw inference's CPU
+    assert spent["inference worker"] > 0.5 * result["raw_core_ms_per_image"]
+    assert 0 < result["cpu_only_http_ceiling"] == result["raw_core_ms_per_image"] / sum(spent.values())
+
+
+def test_wsi_benchmark_on_two_small_slides(tmp_path):
+    result = _load("wsi").main(
+        ["--sizes", "2100", "3000", "--tissue", "900", "1200", "--raw-tiles", "32", "--out", str(tmp_path)]
+    )
+    small, large = result["runs"]["2100"], result["runs"]["3000"]
+    # the tissue squares start at 600 and 900 px: multiples of the 150 px tile, so 6 x 6 and 8 x 8 tiles
+    assert (small["tiles"], large["tiles"]) == (36, 64)
+    for run in (small, large):
+        assert run["end_to_end_tiles_per_s"] <= run["streaming_tiles_per_s"]
+        assert run["peak_rss_mb"] > 50 and run["read_core_ms_per_tile"] > 0 and run["inference_core_ms_per_tile"] > 0
+        assert 0 < run["cpu_only_streaming_ceiling"] < 1
+    assert (tmp_path / "wsi.txt").read_text().splitlines() == result["report"]

@@ -150,6 +150,7 @@ def test_requests_without_files(served):
 
 
 def _batch_stats(url: str) -> tuple[float, float]:
+    """(onnxruntime batches, inference calls they merged) so far, from BentoML's batching histogram."""
     text = requests.get(f"{url}/metrics", timeout=10).text
     count = sum(
         float(v) for v in re.findall(r'adaptive_batch_size_count\{[^}]*method_name="predict"[^}]*\} (\S+)', text)
@@ -164,9 +165,10 @@ def test_concurrent_requests_are_batched_and_answers_match(served):
     batches_before, images_before = _batch_stats(served)
     with ThreadPoolExecutor(len(tiles)) as pool:
         concurrent = list(pool.map(lambda t: _post(served, [(t.name, t.read_bytes())]), tiles))
-    batches_after, images_after = _batch_stats(served)
-    batches, images = batches_after - batches_before, images_after - images_before
-    assert images == len(tiles)
+    batches_after, calls_after = _batch_stats(served)
+    batches, calls = batches_after - batches_before, calls_after - images_before
+    # each front-end worker merges concurrent requests into fewer calls; the batcher merges the calls
+    assert 1 <= batches <= calls < len(tiles), f"{len(tiles)} requests: {calls} inference calls"
     assert batches < len(tiles) / 2, f"{len(tiles)} concurrent requests ran in {batches} batches"
     for single, response in zip(singles, concurrent, strict=True):
         assert response.status_code == 200
