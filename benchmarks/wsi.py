@@ -74,6 +74,36 @@ print("RAW", json.dumps({"tiles": n, "tiles_per_s": n / wall, "read_core_ms": 10
 """
 
 
+CHILD_GAPS = """
+import json, shutil, sys, time
+from pathlib import Path
+from service.runtime import Runtime
+from service.wsi import run_job
+slides, out = [Path(p) for p in sys.argv[3:]], Path(sys.argv[2])
+runtime = Runtime(sys.argv[1], spinning=False)
+result = {}
+for ahead in (False, True):
+    calls = []
+    def predict(pixels):
+        start = time.perf_counter()
+        prediction = runtime.predict(pixels)
+        calls.append((start, time.perf_counter(), len(pixels)))
+        return prediction
+    shutil.rmtree(out, ignore_errors=True)
+    start = time.perf_counter()
+    run_job(slides, runtime, out, progress=False, prepare_ahead=ahead, predict=predict)
+    wall = time.perf_counter() - start
+    tiles, gaps, seen = sum(n for *_, n in calls), [], 0
+    per_slide = tiles // len(slides)
+    for k, (begin, end, n) in enumerate(calls):
+        if seen and seen % per_slide == 0:
+            gaps.append(begin - calls[k - 1][1])
+        seen += n
+    result["ahead" if ahead else "one_by_one"] = {"wall_s": wall, "tiles": tiles, "gaps_s": gaps}
+print("GAPS", json.dumps(result))
+"""
+
+
 def _python(code: str, *args: str) -> str:
     done = subprocess.run(
         [sys.executable, "-c", code, *args],
@@ -130,6 +160,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--raw-tiles", type=int, default=1024, help="tiles timed for raw inference")
+    p.add_argument(
+        "--job-copies",
+        type=int,
+        default=3,
+        help="copies of the smallest slide run as one job, to time the accelerator's idle gap between slides",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
     if len(args.tissue) != len(args.sizes):
@@ -177,6 +213,16 @@ def main(argv: list[str] | None = None) -> dict:
                 cpu_only_streaming_ceiling=infer_ms / (infer_ms + read_ms),
             )
             result["runs"][str(side)] = run
+            if side == args.sizes[0] and args.job_copies > 1:
+                copies = [tmp / f"copy{i}.tiff" for i in range(args.job_copies)]
+                for copy in copies:
+                    os.link(slide, copy)
+                gaps = json.loads(
+                    _python(CHILD_GAPS, str(args.model), str(tmp / "job"), *map(str, copies)).split("GAPS", 1)[1]
+                )
+                result["job_gaps"] = gaps
+                for copy in copies:
+                    copy.unlink()
             slide.unlink()
             line = (
                 f"{side:>6} x {side:<6} ({run['tiles']:5d} tissue tiles): end to end {e2e:6.1f} tiles/s, "
@@ -202,6 +248,18 @@ def main(argv: list[str] | None = None) -> dict:
         f"model {result['model']}; raw = Runtime.predict on the first {args.raw_tiles} tiles of the same grid, "
         "decoded in memory",
     ]
+    if "job_gaps" in result:
+        g = result["job_gaps"]
+
+        def _gaps(mode: str) -> str:
+            return ", ".join(f"{x:.2f}" for x in g[mode]["gaps_s"])
+
+        lines.append(
+            f"job of {args.job_copies} copies of the {sizes[0]} slide: inference idle between slides "
+            f"{_gaps('one_by_one')} s one by one, {_gaps('ahead')} s with the next slide prepared ahead; job "
+            f"{g['one_by_one']['tiles'] / g['one_by_one']['wall_s']:.1f} vs "
+            f"{g['ahead']['tiles'] / g['ahead']['wall_s']:.1f} tiles/s"
+        )
     print("\n".join(lines[len(args.sizes) :]))
     result["report"] = lines
     write_atomic(args.out / "wsi.txt", "\n".join(lines) + "\n")

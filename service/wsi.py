@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,37 @@ def _outputs_done(out_dir: Path, signature: dict[str, Any]) -> dict[str, Any] | 
     return previous if isinstance(previous, dict) and previous.get("job") == signature else None
 
 
+@dataclass(frozen=True)
+class PreparedSlide:
+    """A slide's tissue mask and tile grid, which can be computed while the slide before it streams."""
+
+    mask: np.ndarray
+    mask_downsample: float
+    grid: TileGrid
+    seconds: float
+
+
+def _prepare(slide: openslide.OpenSlide, runtime: Runtime, level0_mpp: float, min_tissue: float) -> PreparedSlide:
+    t0 = time.perf_counter()
+    mask, mask_ds = tissue_mask(slide)
+    card = runtime.card
+    grid = tile_grid(slide, level0_mpp, card.mpp, card.patch_size_pixels, mask, mask_ds, min_tissue)
+    return PreparedSlide(mask, mask_ds, grid, time.perf_counter() - t0)
+
+
+def prepare_slide(
+    path: Path, runtime: Runtime, mpp: float | None = None, min_tissue: float = DEFAULT_MIN_TISSUE
+) -> PreparedSlide:
+    """Tissue mask and grid of ``path`` on its own OpenSlide handle (safe in a background thread)."""
+    slide = open_slide(path)
+    try:
+        ready = _prepare(slide, runtime, slide_mpp(slide, path, mpp)[0], min_tissue)
+    finally:
+        slide.close()
+    log.debug("%s: tissue mask and %d tiles ready in %.2f s", path.name, len(ready.grid.coords), ready.seconds)
+    return ready
+
+
 def classify_slide(
     path: str | os.PathLike[str],
     runtime: Runtime,
@@ -197,11 +229,14 @@ def classify_slide(
     min_tissue: float = DEFAULT_MIN_TISSUE,
     predict: Predict | None = None,
     progress: bool = True,
+    prepared: Future[PreparedSlide] | None = None,
 ) -> dict[str, Any]:
     """Classify one slide into ``out_dir`` (resuming a killed run, skipping a finished one); return its summary.
 
     ``predict`` replaces ``runtime.predict`` (e.g. a batching client); ``runtime`` still supplies the
-    card and thresholds. Raises :class:`SlideError` for a slide that cannot be read or has no mpp.
+    card and thresholds. ``prepared``: the slide's :func:`prepare_slide`, started earlier with the
+    same ``mpp`` and ``min_tissue`` (a multi-slide job computes it while the previous slide streams).
+    Raises :class:`SlideError` for a slide that cannot be read or has no mpp.
     """
     started = time.perf_counter()
     path, out_dir = Path(path), Path(out_dir)
@@ -227,13 +262,12 @@ def classify_slide(
                 log.info("%s: already done with this model and these arguments, skipping", path.name)
                 (out_dir / PARTIAL).unlink(missing_ok=True)
                 (out_dir / JOB).unlink(missing_ok=True)
+                if prepared is not None:
+                    prepared.cancel()
                 return previous
-            t0 = time.perf_counter()
-            mask, mask_ds = tissue_mask(slide)
-            grid = tile_grid(
-                slide, level0_mpp, runtime.card.mpp, runtime.card.patch_size_pixels, mask, mask_ds, min_tissue
-            )
-            timings = {"tissue_mask": time.perf_counter() - t0}
+            ready = prepared.result() if prepared is not None else _prepare(slide, runtime, level0_mpp, min_tissue)
+            mask, mask_ds, grid = ready.mask, ready.mask_downsample, ready.grid
+            timings = {"tissue_mask": ready.seconds}
             resumed = _classify_tiles(
                 path,
                 grid,
@@ -412,30 +446,68 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
 
 
 def run_job(
-    slides: list[Path], runtime: Runtime, out: Path, *, progress: bool = True, **options: Any
+    slides: list[Path],
+    runtime: Runtime,
+    out: Path,
+    *,
+    progress: bool = True,
+    prepare_ahead: bool = True,
+    **options: Any,
 ) -> list[dict[str, str]]:
-    """Classify every slide into ``out/<stem>/``; a failing slide is recorded and the others go on."""
+    """Classify every slide into ``out/<stem>/``; a failing slide is recorded and the others go on.
+
+    While one slide streams, a background thread already computes the next slide's tissue mask and
+    tile grid (``prepare_ahead``), so the accelerator does not wait for it between slides.
+    """
     failures: list[dict[str, str]] = []
     owners: dict[str, Path] = {}
+    plan: list[tuple[Path, Exception | None]] = []
     for path in slides:
-        try:
-            if not path.is_file():
-                raise SlideError(f"{path}: no such file")
-            owner = owners.setdefault(path.stem, path)
-            if owner.resolve() != path.resolve():
-                raise SlideError(
-                    f"{path}: output folder {out / path.stem} already belongs to {owner} in this "
-                    "run; rename the slide or run it separately"
+        if not path.is_file():
+            plan.append((path, SlideError(f"{path}: no such file")))
+            continue
+        owner = owners.setdefault(path.stem, path)
+        if owner.resolve() != path.resolve():
+            plan.append(
+                (
+                    path,
+                    SlideError(
+                        f"{path}: output folder {out / path.stem} already belongs to {owner} in this "
+                        "run; rename the slide or run it separately"
+                    ),
                 )
-            if owner is not path:
-                continue  # the same file given twice
-            summary = classify_slide(path, runtime, out / path.stem, progress=progress, **options)
-            print(f"{path.name}: {summary['tiles']} tiles -> {out / path.stem}/", flush=True)
-        except Exception as exc:  # one bad slide must not stop the others
-            if not isinstance(exc, SlideError | OSError):
-                log.exception("%s: unexpected error", path)
-            failures.append({"slide": str(path), "error": str(exc) or type(exc).__name__})
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            )
+        elif owner is path:  # else: the same file given twice
+            plan.append((path, None))
+    runnable = [path for path, error in plan if error is None]
+    prepare_options = {k: options[k] for k in ("mpp", "min_tissue") if k in options}
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-prep") as prep_pool:
+        futures: dict[Path, Future[PreparedSlide]] = {}
+
+        def prefetch(index: int) -> None:
+            if index < len(runnable) and runnable[index] not in futures:
+                futures[runnable[index]] = prep_pool.submit(prepare_slide, runnable[index], runtime, **prepare_options)
+
+        done = 0
+        for path, error in plan:
+            try:
+                if error is not None:
+                    raise error
+                prefetch(done)
+                if prepare_ahead:
+                    prefetch(done + 1)  # the next slide's mask, while this one streams
+                done += 1
+                summary = classify_slide(
+                    path, runtime, out / path.stem, progress=progress, prepared=futures.pop(path), **options
+                )
+                print(f"{path.name}: {summary['tiles']} tiles -> {out / path.stem}/", flush=True)
+            except Exception as exc:  # one bad slide must not stop the others
+                if not isinstance(exc, SlideError | OSError):
+                    log.exception("%s: unexpected error", path)
+                failures.append({"slide": str(path), "error": str(exc) or type(exc).__name__})
+                print(f"error: {exc}", file=sys.stderr, flush=True)
+        for future in futures.values():
+            future.cancel()
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / FAILURES, json.dumps(failures, indent=2) + "\n")
     return failures

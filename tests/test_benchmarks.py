@@ -79,4 +79,7 @@ def test_wsi_benchmark_on_two_small_slides(tmp_path):
         assert run["end_to_end_tiles_per_s"] <= run["streaming_tiles_per_s"]
         assert run["peak_rss_mb"] > 50 and run["read_core_ms_per_tile"] > 0 and run["inference_core_ms_per_tile"] > 0
         assert 0 < run["cpu_only_streaming_ceiling"] < 1
+    for mode in ("one_by_one", "ahead"):  # three copies of the small slide in one job
+        job = result["job_gaps"][mode]
+        assert job["tiles"] == 3 * 36 and len(job["gaps_s"]) == 2 and all(g >= 0 for g in job["gaps_s"])
     assert (tmp_path / "wsi.txt").read_text().splitlines() == result["report"]

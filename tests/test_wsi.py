@@ -214,6 +214,29 @@ def test_one_output_folder_per_slide_name(slides, runtime, tmp_path):
     assert json.loads((tmp_path / "out" / "half" / "summary.json").read_text())["slide"] == str(slides["0.495"])
 
 
+def test_next_slide_is_prepared_while_this_one_streams(slides, runtime, tmp_path, caplog):
+    first, second = tmp_path / "first.tiff", tmp_path / "second.tiff"
+    first.write_bytes(slides["0.495"].read_bytes())
+    second.write_bytes(slides["0.495"].read_bytes())
+    calls: list[float] = []
+
+    def slow_accelerator(pixels: np.ndarray):
+        time.sleep(0.2)
+        calls.append(time.time())
+        return runtime.predict(pixels)
+
+    with caplog.at_level("DEBUG", logger="histo_robust.wsi"):
+        failures = run_job(
+            [first, second], runtime, tmp_path / "out", progress=False, batch_size=8, predict=slow_accelerator
+        )
+    assert failures == [] and len(calls) == 8  # 30 tiles a slide, in batches of 8
+    ready = {r.getMessage().split(":")[0]: r for r in caplog.records if "tiles ready" in r.getMessage()}
+    assert ready["second.tiff"].threadName.startswith("slide-prep")
+    assert ready["second.tiff"].created < calls[3]  # ready before the first slide's last batch ran
+    rows = [(tmp_path / "out" / name / "tiles.csv").read_text() for name in ("first", "second")]
+    assert rows[0] == rows[1] and rows[0].count("\n") == 31  # the same tissue gives the same 30 rows
+
+
 def _cli(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "service.wsi", "--no-progress", *args],
