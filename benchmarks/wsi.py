@@ -91,7 +91,7 @@ for ahead in (False, True):
         return prediction
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    run_job(slides, runtime, out, progress=False, prepare_ahead=ahead, predict=predict)
+    run_job(slides, runtime, out, progress=False, pipeline=ahead, predict=predict)
     wall = time.perf_counter() - start
     tiles, gaps, seen = sum(n for *_, n in calls), [], 0
     per_slide = tiles // len(slides)
@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--job-copies",
         type=int,
         default=3,
-        help="copies of the smallest slide run as one job, to time the accelerator's idle gap between slides",
+        help="copies of the smallest slide run as one job, to time inference's idle gap between slides",
     )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = p.parse_args(argv)
@@ -256,7 +256,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         lines.append(
             f"job of {args.job_copies} copies of the {sizes[0]} slide: inference idle between slides "
-            f"{_gaps('one_by_one')} s one by one, {_gaps('ahead')} s with the next slide prepared ahead; job "
+            f"{_gaps('one_by_one')} s one by one, {_gaps('ahead')} s pipelined (next slide prepared ahead, "
+            f"outputs written in the background); job "
             f"{g['one_by_one']['tiles'] / g['one_by_one']['wall_s']:.1f} vs "
             f"{g['ahead']['tiles'] / g['ahead']['wall_s']:.1f} tiles/s"
         )

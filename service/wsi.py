@@ -23,7 +23,7 @@ import os
 import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -218,7 +218,7 @@ def prepare_slide(
     return ready
 
 
-def classify_slide(
+def _slide_steps(
     path: str | os.PathLike[str],
     runtime: Runtime,
     out_dir: str | os.PathLike[str],
@@ -230,13 +230,10 @@ def classify_slide(
     predict: Predict | None = None,
     progress: bool = True,
     prepared: Future[PreparedSlide] | None = None,
-) -> dict[str, Any]:
-    """Classify one slide into ``out_dir`` (resuming a killed run, skipping a finished one); return its summary.
-
-    ``predict`` replaces ``runtime.predict`` (e.g. a batching client); ``runtime`` still supplies the
-    card and thresholds. ``prepared``: the slide's :func:`prepare_slide`, started earlier with the
-    same ``mpp`` and ``min_tissue`` (a multi-slide job computes it while the previous slide streams).
-    Raises :class:`SlideError` for a slide that cannot be read or has no mpp.
+) -> Generator[None, None, dict[str, Any]]:
+    """:func:`classify_slide` in two steps: the generator yields once the tiles are classified (the
+    accelerator's part) and returns the summary once the outputs are written. A finished slide
+    returns at once. The slide handle and the output folder's lock are held until it returns.
     """
     started = time.perf_counter()
     path, out_dir = Path(path), Path(out_dir)
@@ -280,6 +277,7 @@ def classify_slide(
                 progress,
                 timings,
             )
+            yield  # the rest only writes outputs: a multi-slide job lets it finish in the background
             t0 = time.perf_counter()
             table = _tile_table(out_dir / PARTIAL, grid, runtime, batch_size, path)
             _write_outputs(slide, path, runtime.card, table, out_dir)
@@ -326,11 +324,57 @@ def classify_slide(
                 "job": signature,
             }
             write_summary(out_dir / "summary.json", summary)  # written last: it marks the slide as done
+            log.debug("%s: outputs written", path.name)
             (out_dir / PARTIAL).unlink(missing_ok=True)
             (out_dir / JOB).unlink(missing_ok=True)
             return summary
     finally:
         slide.close()
+
+
+def classify_slide(
+    path: str | os.PathLike[str],
+    runtime: Runtime,
+    out_dir: str | os.PathLike[str],
+    *,
+    mpp: float | None = None,
+    batch_size: int = 32,
+    workers: int = 2,
+    min_tissue: float = DEFAULT_MIN_TISSUE,
+    predict: Predict | None = None,
+    progress: bool = True,
+    prepared: Future[PreparedSlide] | None = None,
+) -> dict[str, Any]:
+    """Classify one slide into ``out_dir`` (resuming a killed run, skipping a finished one); return its summary.
+
+    ``predict`` replaces ``runtime.predict`` (e.g. a batching client); ``runtime`` still supplies the
+    card and thresholds. ``prepared``: the slide's :func:`prepare_slide`, started earlier with the
+    same ``mpp`` and ``min_tissue`` (a multi-slide job computes it while the previous slide streams).
+    Raises :class:`SlideError` for a slide that cannot be read or has no mpp.
+    """
+    return _run_steps(
+        _slide_steps(
+            path,
+            runtime,
+            out_dir,
+            mpp=mpp,
+            batch_size=batch_size,
+            workers=workers,
+            min_tissue=min_tissue,
+            predict=predict,
+            progress=progress,
+            prepared=prepared,
+        )
+    )
+
+
+def _run_steps(steps: Generator[None, None, dict[str, Any]]) -> dict[str, Any]:
+    """Run a slide's remaining steps; the summary is what the generator returns."""
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        return done.value
 
 
 def _classify_tiles(
@@ -451,16 +495,17 @@ def run_job(
     out: Path,
     *,
     progress: bool = True,
-    prepare_ahead: bool = True,
+    pipeline: bool = True,
     **options: Any,
 ) -> list[dict[str, str]]:
     """Classify every slide into ``out/<stem>/``; a failing slide is recorded and the others go on.
 
-    While one slide streams, a background thread already computes the next slide's tissue mask and
-    tile grid (``prepare_ahead``), so the accelerator does not wait for it between slides.
+    With ``pipeline``, the accelerator does not wait between slides: while one slide streams, one
+    background thread computes the next slide's tissue mask and tile grid and another writes the
+    previous slide's outputs. A job interrupted meanwhile still finishes the outputs being written.
     """
-    failures: list[dict[str, str]] = []
     owners: dict[str, Path] = {}
+    planned: set[Path] = set()  # resolved paths of the slides that will run
     plan: list[tuple[Path, Exception | None]] = []
     for path in slides:
         if not path.is_file():
@@ -477,40 +522,73 @@ def run_job(
                     ),
                 )
             )
-        elif owner is path:  # else: the same file given twice
+        elif path.resolve() not in planned:  # a file given twice runs once
+            planned.add(path.resolve())
             plan.append((path, None))
     runnable = [path for path, error in plan if error is None]
     prepare_options = {k: options[k] for k in ("mpp", "min_tissue") if k in options}
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-prep") as prep_pool:
-        futures: dict[Path, Future[PreparedSlide]] = {}
+    failures: list[tuple[int, dict[str, str]]] = []
 
-        def prefetch(index: int) -> None:
-            if index < len(runnable) and runnable[index] not in futures:
-                futures[runnable[index]] = prep_pool.submit(prepare_slide, runnable[index], runtime, **prepare_options)
+    def record(index: int, path: Path, exc: Exception) -> None:
+        if not isinstance(exc, SlideError | OSError):
+            log.error("%s: unexpected error", path, exc_info=exc)
+        failures.append((index, {"slide": str(path), "error": str(exc) or type(exc).__name__}))
+        print(f"error: {exc}", file=sys.stderr, flush=True)
 
-        done = 0
-        for path, error in plan:
+    def report(path: Path, summary: dict[str, Any]) -> None:
+        print(f"{path.name}: {summary['tiles']} tiles -> {out / path.stem}/", flush=True)
+
+    with (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-prep") as prep_pool,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-finish") as finish_pool,
+    ):
+        prepared: dict[Path, Future[PreparedSlide]] = {}
+        finishing: list[tuple[int, Path, Future[dict[str, Any]]]] = []
+
+        def prefetch(k: int) -> None:
+            if k < len(runnable) and runnable[k] not in prepared:
+                prepared[runnable[k]] = prep_pool.submit(prepare_slide, runnable[k], runtime, **prepare_options)
+
+        def collect(wait: bool) -> None:
+            for item in [f for f in finishing if wait or f[2].done()]:
+                finishing.remove(item)
+                index, path, future = item
+                try:
+                    report(path, future.result())
+                except Exception as exc:  # noqa: BLE001 - recorded like any failing slide
+                    record(index, path, exc)
+
+        started = 0
+        for index, (path, error) in enumerate(plan):
+            collect(wait=False)
             try:
                 if error is not None:
                     raise error
-                prefetch(done)
-                if prepare_ahead:
-                    prefetch(done + 1)  # the next slide's mask, while this one streams
-                done += 1
-                summary = classify_slide(
-                    path, runtime, out / path.stem, progress=progress, prepared=futures.pop(path), **options
+                prefetch(started)
+                if pipeline:
+                    prefetch(started + 1)  # the next slide's mask, while this one streams
+                started += 1
+                steps = _slide_steps(
+                    path, runtime, out / path.stem, progress=progress, prepared=prepared.pop(path), **options
                 )
-                print(f"{path.name}: {summary['tiles']} tiles -> {out / path.stem}/", flush=True)
+                try:
+                    next(steps)  # reads and classifies the tiles
+                except StopIteration as finished:  # already done earlier: nothing left to write
+                    report(path, finished.value)
+                    continue
+                if pipeline:
+                    finishing.append((index, path, finish_pool.submit(_run_steps, steps)))
+                else:
+                    report(path, _run_steps(steps))
             except Exception as exc:  # one bad slide must not stop the others
-                if not isinstance(exc, SlideError | OSError):
-                    log.exception("%s: unexpected error", path)
-                failures.append({"slide": str(path), "error": str(exc) or type(exc).__name__})
-                print(f"error: {exc}", file=sys.stderr, flush=True)
-        for future in futures.values():
+                record(index, path, exc)
+        collect(wait=True)
+        for future in prepared.values():
             future.cancel()
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(out / FAILURES, json.dumps(failures, indent=2) + "\n")
-    return failures
+    ordered = [failure for _, failure in sorted(failures, key=lambda f: f[0])]
+    write_atomic(out / FAILURES, json.dumps(ordered, indent=2) + "\n")
+    return ordered
 
 
 def main(argv: list[str] | None = None) -> int:

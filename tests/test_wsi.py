@@ -214,7 +214,7 @@ def test_one_output_folder_per_slide_name(slides, runtime, tmp_path):
     assert json.loads((tmp_path / "out" / "half" / "summary.json").read_text())["slide"] == str(slides["0.495"])
 
 
-def test_next_slide_is_prepared_while_this_one_streams(slides, runtime, tmp_path, caplog):
+def test_job_prepares_the_next_slide_and_writes_the_last_ones_outputs_in_the_background(slides, runtime, tmp_path, caplog):
     first, second = tmp_path / "first.tiff", tmp_path / "second.tiff"
     first.write_bytes(slides["0.495"].read_bytes())
     second.write_bytes(slides["0.495"].read_bytes())
@@ -233,6 +233,11 @@ def test_next_slide_is_prepared_while_this_one_streams(slides, runtime, tmp_path
     ready = {r.getMessage().split(":")[0]: r for r in caplog.records if "tiles ready" in r.getMessage()}
     assert ready["second.tiff"].threadName.startswith("slide-prep")
     assert ready["second.tiff"].created < calls[3]  # ready before the first slide's last batch ran
+    written = {r.getMessage().split(":")[0]: r for r in caplog.records if "outputs written" in r.getMessage()}
+    assert {name: r.threadName.split("_")[0] for name, r in written.items()} == {
+        "first.tiff": "slide-finish",  # written while the second slide streamed
+        "second.tiff": "slide-finish",
+    }
     rows = [(tmp_path / "out" / name / "tiles.csv").read_text() for name in ("first", "second")]
     assert rows[0] == rows[1] and rows[0].count("\n") == 31  # the same tissue gives the same 30 rows
 
