@@ -555,7 +555,7 @@ def run_job(
                 index, path, future = item
                 try:
                     report(path, future.result())
-                except Exception as exc:  # noqa: BLE001 - recorded like any failing slide
+                except Exception as exc:  # recorded like any failing slide
                     record(index, path, exc)
 
         started = 0

@@ -214,7 +214,7 @@ def test_one_output_folder_per_slide_name(slides, runtime, tmp_path):
     assert json.loads((tmp_path / "out" / "half" / "summary.json").read_text())["slide"] == str(slides["0.495"])
 
 
-def test_job_prepares_the_next_slide_and_writes_the_last_ones_outputs_in_the_background(slides, runtime, tmp_path, caplog):
+def test_job_overlaps_the_next_slides_mask_and_the_last_ones_outputs(slides, runtime, tmp_path, caplog):
     first, second = tmp_path / "first.tiff", tmp_path / "second.tiff"
     first.write_bytes(slides["0.495"].read_bytes())
     second.write_bytes(slides["0.495"].read_bytes())
