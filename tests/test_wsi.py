@@ -242,6 +242,22 @@ def test_job_overlaps_the_next_slides_mask_and_the_last_ones_outputs(slides, run
     assert rows[0] == rows[1] and rows[0].count("\n") == 31  # the same tissue gives the same 30 rows
 
 
+def test_a_slide_whose_outputs_fail_in_the_background_is_listed_and_the_next_goes_on(slides, runtime, tmp_path):
+    first, second = tmp_path / "first.tiff", tmp_path / "second.tiff"
+    first.write_bytes(slides["0.495"].read_bytes())
+    second.write_bytes(slides["0.495"].read_bytes())
+    (tmp_path / "out" / "first" / "heatmap.png").mkdir(parents=True)  # the heatmap cannot replace a folder
+    failures = run_job([first, second, tmp_path / "missing.svs"], runtime, tmp_path / "out", progress=False)
+    assert [f["slide"] for f in failures] == [str(first), str(tmp_path / "missing.svs")]  # in input order
+    assert "heatmap.png" in failures[0]["error"]
+    assert not (tmp_path / "out" / "first" / "summary.json").exists()  # not marked done: a rerun redoes it
+    assert (tmp_path / "out" / "first" / PARTIAL).is_file()  # with the tiles already classified
+    assert json.loads((tmp_path / "out" / "second" / "summary.json").read_text())["tiles"] == 30
+    (tmp_path / "out" / "first" / "heatmap.png").rmdir()
+    assert run_job([first, second], runtime, tmp_path / "out", progress=False) == []
+    assert json.loads((tmp_path / "out" / "first" / "summary.json").read_text())["resumed_tiles"] == 30
+
+
 def _cli(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "service.wsi", "--no-progress", *args],
