@@ -127,6 +127,7 @@ def measure(args: argparse.Namespace, seed: int, model_dir: Path, picture: Path 
         "n_test": len(y),
         "head_members": card.head.members,
         "temperature": t,
+        "calibration": card.calibration.method,
         "accuracy": float((probs.argmax(1) == y).mean()),
         "ece_before": expected_calibration_error(raw, y),
         "ece_after": expected_calibration_error(probs, y),
@@ -166,7 +167,7 @@ def measure(args: argparse.Namespace, seed: int, model_dir: Path, picture: Path 
         reliability_diagram(
             picture,
             {
-                "served (default: no temperature)": (probs, y),
+                f"served (calibration {card.calibration.method!r}, temperature {t:.2f})": (probs, y),
                 f"oracle temperature {oracle_t:.2f} (fitted on the test labels)": (softmax(z, oracle_t), y),
             },
         )
@@ -216,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         "| measure | " + " | ".join(f"seed {r['seed']}" for r in runs) + " | mean |",
         "|---|" + "---|" * (len(runs) + 1),
         row("accuracy (%)", "accuracy", "{:.1f}", 100),
-        row("**ECE as served** (default: no temperature)", "ece_after"),
+        row(f"**ECE as served** (calibration `{first['calibration']}`)", "ece_after"),
         row("ECE, temperature fitted on kNN-cleaned validation labels", "ece_cleaned_temperature"),
         row("ECE, temperature fitted through the estimated noise transition", "ece_transition_temperature"),
         row("ECE, naive temperature fitted on the noisy labels", "ece_naive_temperature"),
