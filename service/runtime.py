@@ -37,9 +37,13 @@ def model_dir_from_env() -> Path:
     return Path(os.environ.get("HISTO_MODEL_DIR") or DEFAULT_MODEL_DIR)
 
 
+def _requested_device(requested: str | None) -> str:
+    return (requested or os.environ.get("HISTO_DEVICE") or "auto").lower()
+
+
 def choose_providers(requested: str | None = None) -> list[str]:
     """CUDA first when available (and not refused with ``cpu``), CPU always last as fallback."""
-    requested = (requested or os.environ.get("HISTO_DEVICE") or "auto").lower()
+    requested = _requested_device(requested)
     available = ort.get_available_providers()
     if requested not in {"auto", "cpu", "cuda"}:
         raise ValueError(f"device must be auto, cpu or cuda, got {requested!r}")
@@ -48,6 +52,39 @@ def choose_providers(requested: str | None = None) -> list[str]:
     if requested != "cpu" and "CUDAExecutionProvider" in available:
         return ["CUDAExecutionProvider", "CPUExecutionProvider"]
     return ["CPUExecutionProvider"]
+
+
+def preload_cuda_libraries() -> None:
+    """Let onnxruntime-gpu find CUDA and cuDNN installed as pip packages (``nvidia-*``).
+
+    It looks for them only on the system's library path, so a pip-only install otherwise fails
+    with ``libcublasLt.so.13: cannot open shared object file`` and runs on the CPU. Libraries
+    installed system-wide (the CUDA base image of the Dockerfile) still load as before.
+    """
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is not None:
+        try:
+            preload()
+        except Exception as exc:  # a failed preload only means the default search applies
+            log.warning("could not preload CUDA libraries: %s", exc)
+
+
+def confirm_device(requested: str | None, wanted: list[str], got: list[str]) -> None:
+    """Refuse a silent CPU fallback the caller did not accept.
+
+    onnxruntime lists the CUDA provider whenever onnxruntime-gpu is installed, and a session whose
+    CUDA provider cannot start (no driver, missing CUDA 13 / cuDNN 9 libraries) quietly runs on the
+    CPU instead: an error for ``cuda``, a warning for ``auto``.
+    """
+    if wanted[0] != "CUDAExecutionProvider" or got[0] == "CUDAExecutionProvider":
+        return
+    message = (
+        "onnxruntime could not start its CUDA provider (see its error above: a GPU driver, CUDA 13 "
+        "and cuDNN 9 libraries are needed)"
+    )
+    if _requested_device(requested) == "cuda":
+        raise RuntimeError(f"device 'cuda' requested but {message}")
+    log.warning("%s; running on the CPU", message)
 
 
 def serving_thresholds(card: ModelCard) -> tuple[float | None, float | None]:
@@ -114,12 +151,15 @@ class Runtime:
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.providers = choose_providers(device)
+        wanted = choose_providers(device)
+        if wanted[0] == "CUDAExecutionProvider":
+            preload_cuda_libraries()
         try:
-            self.session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+            self.session = ort.InferenceSession(str(path), sess_options=options, providers=wanted)
         except Exception as exc:  # onnxruntime raises several unrelated types for a bad graph
             raise ModelLoadError(f"{path}: onnxruntime cannot load the graph ({exc})") from exc
         self.providers = self.session.get_providers()
+        confirm_device(device, wanted, self.providers)
         check_graph_signature(
             self.card,
             {i.name: list(i.shape) for i in self.session.get_inputs()},

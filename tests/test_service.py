@@ -202,3 +202,24 @@ def test_slide_task_returns_summary_and_geojson(served):
     not_a_slide = _run_slide_task(served, "notes.svs", b"not a slide at all")
     assert "cannot open with OpenSlide" in not_a_slide.text and "/tmp" not in not_a_slide.text
     _expect_alive(served)
+
+
+def test_device_choice_and_a_cuda_provider_that_does_not_start(monkeypatch, caplog):
+    """onnxruntime-gpu lists CUDA even where it cannot start (no driver): `cuda` must fail, `auto` warn."""
+    from service.runtime import choose_providers, confirm_device
+
+    assert choose_providers("cpu") == ["CPUExecutionProvider"]
+    assert Runtime(ROOT / "models" / "default", device="cpu").providers == ["CPUExecutionProvider"]
+    with pytest.raises(ValueError, match="auto, cpu or cuda"):
+        choose_providers("gpu")
+    wanted, fell_back = ["CUDAExecutionProvider", "CPUExecutionProvider"], ["CPUExecutionProvider"]
+    with pytest.raises(RuntimeError, match="could not start its CUDA provider"):
+        confirm_device("cuda", wanted, fell_back)
+    monkeypatch.setenv("HISTO_DEVICE", "cuda")
+    with pytest.raises(RuntimeError, match="device 'cuda' requested"):
+        confirm_device(None, wanted, fell_back)  # the environment's choice counts like the argument
+    with caplog.at_level("WARNING", logger="histo_robust.runtime"):
+        confirm_device("auto", wanted, fell_back)
+    assert "running on the CPU" in caplog.text
+    confirm_device("cuda", wanted, wanted)  # CUDA started: nothing to say
+    confirm_device("cpu", ["CPUExecutionProvider"], fell_back)
