@@ -24,7 +24,7 @@ class Coalescer:
     A call goes out at once while fewer than ``max_in_flight`` are running, so an idle server adds
     no latency; beyond that, images wait and leave together (at most ``max_images`` per call) as soon
     as a running call returns. No timer: the group size follows the load. One call in flight per
-    front-end worker measured best (``benchmarks/serve.py``, 2 cores: 127-133 images/s against
+    front-end worker measured best (``benchmarks/serve.py``, 2 cores: 127-134 images/s against
     120-127 with two): a second call only queues behind the first in the batcher, and leaving early
     splits the group it would have joined.
     """
