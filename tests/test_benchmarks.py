@@ -58,7 +58,7 @@ def test_serve_benchmark_measures_every_server_and_accounts_for_cpu(tmp_path):
         ["--seconds", "1", "--clients", "4", "--batch", "8", "--out", str(tmp_path / "s.json")]
     )
     assert json.loads((tmp_path / "s.json").read_text())["report"] == result["report"]
-    for key in ("raw_onnxruntime", "raw_onnxruntime_batch1", "http_batched", "http_unbatched"):
+    for key in ("raw_onnxruntime", "raw_onnxruntime_batch1", "http_batched", "http_unbatched", "http_batched_multi"):
         assert result[key] > 0, key
     assert result["http_over_raw"] == result["http_batched"] / result["raw_onnxruntime"]
     spent = result["http_batched_core_ms_per_image"]
