@@ -36,7 +36,6 @@ class Coalescer:
         self._waiting: deque[tuple[np.ndarray, asyncio.Future]] = deque()
         self._in_flight = 0
         self._tasks: set[asyncio.Task] = set()  # referenced until done, so none is garbage-collected early
-        self.calls = 0  # calls made so far (for tests and logs)
 
     async def __call__(self, pixels: np.ndarray) -> np.ndarray | None:
         future = asyncio.get_running_loop().create_future()
@@ -56,7 +55,6 @@ class Coalescer:
             if not group:
                 continue
             self._in_flight += 1
-            self.calls += 1
             task = asyncio.get_running_loop().create_task(self._send(group))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
