@@ -1,17 +1,22 @@
 """Can the served confidences be trusted? Calibration, abstention and OOD flags on held-out slides.
 
-    python benchmarks/confidence.py --data ../shared/data/kather2016 [--noise uniform:0.4]
+    python benchmarks/confidence.py --data ../shared/data/kather2016 [--noise uniform:0.4] [--seeds 5]
 
-Trains with ``training/train.py`` (noise injected into training labels, two slides held out),
-then measures the *served* model through ``service.runtime.Runtime`` (onnxruntime, as in
-production) on the held-out slides: expected calibration error before/after calibration,
-selective accuracy and coverage at the stored abstention threshold, and OOD AUROC between
-held-out H&E tiles and non-H&E images (scikit-image's IHC image and natural photographs,
-blurred and pen-marked H&E tiles generated here). Each of ``--seeds`` runs draws its own noise
-and trains its own model. Also reported: the ECE a temperature fitted on the clean test labels
-themselves reaches (what no label-free calibration can beat), and the ECE a perfectly calibrated
-model would show on this many tiles (the binned estimator's bias). Writes
-``benchmarks/results/confidence.{md,json}`` and ``confidence.png`` (reliability diagrams, seed 0).
+For each held-out slide pair (default: three pairs, each slide held out once, slide 06 never since
+it holds every empty-background tile) and each of ``--seeds`` noise draws, trains with
+``training/train.py`` (noise injected into the training labels only), then measures the *served*
+model through ``service.runtime.Runtime`` (onnxruntime, as in production) on the held-out slides:
+expected calibration error (ECE) of the served probabilities and of the other calibrations the run
+reports, selective accuracy and coverage at the stored abstention threshold, and OOD AUROC between
+held-out H&E tiles and non-H&E images (scikit-image's IHC image and natural photographs, blurred and
+pen-marked H&E tiles generated here).
+
+ECE is given per pair and pooled over the pairs (every slide held out once, about 3,000 tiles per
+seed). References beside it: the ECE of the temperature fitted on the *clean* labels of the same
+cross-slide predictions (the best any temperature learned on the training slides can do), of a
+temperature fitted on the clean test labels themselves (what no calibration learned elsewhere can
+beat), and of a *perfectly* calibrated model on this many tiles (the binned estimator's own bias).
+Writes ``benchmarks/results/confidence.{md,json}`` and ``confidence.png`` (reliability diagrams).
 """
 
 from __future__ import annotations
@@ -83,7 +88,7 @@ def ood_sets(tiles: list[Path], seed: int) -> dict[str, list[Image.Image]]:
     return {"ihc": ihc, "natural photographs": natural, "blurred H&E": blurred, "pen-marked H&E": pen}
 
 
-def measure(args: argparse.Namespace, seed: int, model_dir: Path, picture: Path | None) -> dict:
+def measure(args: argparse.Namespace, holdout: str, seed: int, model_dir: Path) -> dict:
     """Train at ``seed`` (noise draw, split, heads), then measure the served model on the held-out slides."""
     report = train.main(
         [
@@ -92,7 +97,7 @@ def measure(args: argparse.Namespace, seed: int, model_dir: Path, picture: Path 
             "--out",
             str(model_dir),
             "--holdout-slides",
-            args.holdout_slides,
+            holdout,
             "--inject-noise",
             args.noise,
             "--seed",
@@ -103,7 +108,7 @@ def measure(args: argparse.Namespace, seed: int, model_dir: Path, picture: Path 
     )
     runtime = Runtime(model_dir)
     card = runtime.card
-    held = set(args.holdout_slides.split(","))
+    held = set(holdout.split(","))
     patches = load_patches(args.data, check_images=False)
     idx = [i for i, s in enumerate(patches.slides) if s in held]
     tiles = [patches.paths[i] for i in idx]
@@ -117,25 +122,31 @@ def measure(args: argparse.Namespace, seed: int, model_dir: Path, picture: Path 
     # undo the in-graph temperature to recover the uncalibrated probabilities (and logits up to a shift)
     t = card.calibration.temperature
     z = np.log(np.clip(probs, 1e-12, 1)) * t
-    raw = softmax(z)
     kept = probs.max(1) >= runtime.abstain_threshold
     oracle_t = fit_temperature(z, y)
     floor_mean, floor_p95 = ece_floor(probs.max(1))
-    test_conf = report["confidence"]["test"]
+    conf = report["confidence"]
+    temperatures = {
+        "served": t,
+        "none": 1.0,
+        "cleaned": conf["cleaned_label_temperature"],
+        "transition": conf["transition_adjusted_temperature"],
+        "naive": conf["naive_temperature_on_noisy_labels"],
+        "clean_cross_slide": (conf.get("cross_slide") or {}).get("temperature_vs_original_labels"),
+        "oracle": oracle_t,
+    }
     result = {
+        "holdout": holdout,
         "seed": seed,
         "n_test": len(y),
         "head_members": card.head.members,
         "temperature": t,
         "calibration": card.calibration.method,
+        "injected_noise": report["injected_noise"]["flipped_fraction"],
+        "estimated_noise": conf["estimated_noise_rate_from_transition"],
+        "temperatures": temperatures,
         "accuracy": float((probs.argmax(1) == y).mean()),
-        "ece_before": expected_calibration_error(raw, y),
-        "ece_after": expected_calibration_error(probs, y),
-        "ece_naive_temperature": test_conf["ece_naive_temperature"],
-        "ece_cleaned_temperature": test_conf["ece_cleaned_temperature"],
-        "ece_transition_temperature": test_conf["ece_transition_temperature"],
-        "oracle_temperature": oracle_t,
-        "ece_oracle_temperature": expected_calibration_error(softmax(z, oracle_t), y),
+        "ece": {k: (expected_calibration_error(softmax(z, v), y) if v else None) for k, v in temperatures.items()},
         "ece_floor_mean": floor_mean,
         "ece_floor_p95": floor_p95,
         "abstain_threshold": runtime.abstain_threshold,
@@ -144,7 +155,9 @@ def measure(args: argparse.Namespace, seed: int, model_dir: Path, picture: Path 
         "ood_threshold": runtime.ood_threshold,
         "in_distribution_flagged": float((ind_scores > runtime.ood_threshold).mean()),
         "ood": {},
+        "_arrays": (z, y),
     }
+    result["ece"]["served"] = expected_calibration_error(probs, y)  # the served probabilities themselves
     all_ood = []
     for name, images in ood_sets(tiles, seed).items():
         scores = np.concatenate(
@@ -163,80 +176,153 @@ def measure(args: argparse.Namespace, seed: int, model_dir: Path, picture: Path 
         "auroc": auroc(np.r_[ind_scores, every], np.r_[np.zeros(len(ind_scores)), np.ones(len(every))]),
         "flagged": float((every > runtime.ood_threshold).mean()),
     }
-    if picture is not None:
-        reliability_diagram(
-            picture,
-            {
-                f"served (calibration {card.calibration.method!r}, temperature {t:.2f})": (probs, y),
-                f"oracle temperature {oracle_t:.2f} (fitted on the test labels)": (softmax(z, oracle_t), y),
-            },
-        )
     return result
+
+
+CALIBRATIONS = {  # key in a run's "ece" → what the row says
+    "served": "**as served** (temperature fitted on cross-slide predictions through the anchor-point transition)",
+    "none": "no temperature (the slide ensemble's own probabilities)",
+    "cleaned": "temperature on kNN-cleaned labels of the validation slide",
+    "transition": "temperature through the transition on the validation slide",
+    "naive": "naive temperature on the noisy labels of the validation slide",
+    "clean_cross_slide": "*reference:* temperature fitted on the clean labels of the cross-slide predictions",
+    "oracle": "*reference:* oracle temperature fitted on the clean test labels",
+}
+
+
+def pooled_ece(runs: list[dict], key: str) -> float | None:
+    """ECE over every held-out pair of one seed together, each tile scored by the model it was held out from."""
+    if any(r["temperatures"][key] is None for r in runs):
+        return None
+    probs = np.concatenate([softmax(r["_arrays"][0], r["temperatures"][key]) for r in runs])
+    return expected_calibration_error(probs, np.concatenate([r["_arrays"][1] for r in runs]))
 
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared/data/kather2016"))
-    p.add_argument("--holdout-slides", default="CRC-Prim-HE-01,CRC-Prim-HE-07")
+    p.add_argument(
+        "--holdout-slides",
+        default="CRC-Prim-HE-01,CRC-Prim-HE-07;CRC-Prim-HE-03,CRC-Prim-HE-08;CRC-Prim-HE-04,CRC-Prim-HE-05",
+        help="held-out slide sets, ';' between sets, ',' between the slides of one set",
+    )
     p.add_argument("--noise", default="uniform:0.4")
     p.add_argument("--seeds", type=int, default=3, help="noise draws / training seeds (0..N-1)")
     p.add_argument("--out", type=Path, default=RESULTS)
-    p.add_argument("--name", default="confidence", help="stem of the result files (e.g. for other held-out slides)")
-    p.add_argument("--model-dir", type=Path, default=None, help="keep the seed-0 model here (default: temp)")
+    p.add_argument("--name", default="confidence", help="stem of the result files")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    runs = []
+    pairs = [h for h in args.holdout_slides.split(";") if h]
+    runs: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for seed in range(args.seeds):
-            model_dir = args.model_dir if (args.model_dir and seed == 0) else Path(tmp) / f"model-{seed}"
-            runs.append(measure(args, seed, model_dir, args.out / f"{args.name}.png" if seed == 0 else None))
-    keys = [k for k, v in runs[0].items() if isinstance(v, float)]
-    mean = {k: float(np.mean([r[k] for r in runs if r[k] is not None])) for k in keys}
+        for pair in pairs:
+            for seed in range(args.seeds):
+                runs.append(measure(args, pair, seed, Path(tmp) / f"model-{len(runs)}"))
+    by_pair = {pair: [r for r in runs if r["holdout"] == pair] for pair in pairs}
+    by_seed = {seed: [r for r in runs if r["seed"] == seed] for seed in range(args.seeds)}
+    pooled = {key: [pooled_ece(rs, key) for rs in by_seed.values()] for key in CALIBRATIONS}
+    pooled_floor = [
+        ece_floor(np.concatenate([softmax(r["_arrays"][0], r["temperature"]).max(1) for r in rs]))[0]
+        for rs in by_seed.values()
+    ]
+
+    def mean(values: list) -> float | None:
+        values = [v for v in values if v is not None]
+        return float(np.mean(values)) if values else None
+
+    summary = {
+        key: {
+            "per_pair": {pair: mean([r["ece"][key] for r in rs]) for pair, rs in by_pair.items()},
+            "mean_of_pairs": mean([r["ece"][key] for r in runs]),
+            "pooled_per_seed": pooled[key],
+            "pooled": mean(pooled[key]),
+        }
+        for key in CALIBRATIONS
+    }
+    summary["floor"] = {
+        "per_pair": {pair: mean([r["ece_floor_mean"] for r in rs]) for pair, rs in by_pair.items()},
+        "mean_of_pairs": mean([r["ece_floor_mean"] for r in runs]),
+        "pooled_per_seed": pooled_floor,
+        "pooled": mean(pooled_floor),
+    }
     result = {
         "data": args.data,
-        "holdout_slides": sorted(args.holdout_slides.split(",")),
+        "holdout_slides": pairs,
         "noise": args.noise,
         "seeds": args.seeds,
-        "mean": mean,
-        "ood_auroc_all_mean": float(np.mean([r["ood"]["all non-H&E"]["auroc"] for r in runs])),
-        "runs": runs,
+        "ece_summary": summary,
+        "ood_auroc_all_mean": mean([r["ood"]["all non-H&E"]["auroc"] for r in runs]),
+        "runs": [{k: v for k, v in r.items() if k != "_arrays"} for r in runs],
     }
-    first = runs[0]
+    short = {pair: "/".join(s.rsplit("-", 1)[-1] for s in pair.split(",")) for pair in pairs}
 
-    def row(name: str, key: str, fmt: str = "{:.3f}", scale: float = 1.0) -> str:
-        cells = [fmt.format(scale * r[key]) if r[key] is not None else "-" for r in runs]
-        return f"| {name} | " + " | ".join(cells) + f" | {fmt.format(scale * mean[key])} |"
+    def fmt(value: float | None, spec: str = "{:.3f}", scale: float = 1.0) -> str:
+        return "-" if value is None else spec.format(scale * value)
 
     lines = [
         "# Confidence benchmark (generated by `benchmarks/confidence.py`)",
         "",
-        f"Training labels with `{args.noise}` noise (one draw per seed); measured on held-out slides "
-        f"{', '.join(result['holdout_slides'])} (n={first['n_test']}, clean labels) through onnxruntime, as served. "
-        f"Head: slide ensemble of {first['head_members']} linear heads (the default). ECE: 15 equal-width bins.",
+        f"Training labels with `{args.noise}` noise, one draw and one model per seed ({args.seeds} seeds) and per "
+        f"held-out slide pair; measured on the held-out slides (clean labels) through onnxruntime, as served. "
+        f"Head: slide ensemble of {runs[0]['head_members']} linear heads (the default). ECE: 15 equal-width bins.",
         "",
-        "| measure | " + " | ".join(f"seed {r['seed']}" for r in runs) + " | mean |",
-        "|---|" + "---|" * (len(runs) + 1),
-        row("accuracy (%)", "accuracy", "{:.1f}", 100),
-        row(f"**ECE as served** (calibration `{first['calibration']}`)", "ece_after"),
-        row("ECE, temperature fitted on kNN-cleaned validation labels", "ece_cleaned_temperature"),
-        row("ECE, temperature fitted through the estimated noise transition", "ece_transition_temperature"),
-        row("ECE, naive temperature fitted on the noisy labels", "ece_naive_temperature"),
-        row("ECE, *oracle* temperature fitted on the clean test labels", "ece_oracle_temperature"),
-        row("ECE a perfectly calibrated model would show here (mean)", "ece_floor_mean"),
-        row("same, 95th percentile", "ece_floor_p95"),
-        row("abstention threshold (target 90 % selective accuracy)", "abstain_threshold"),
-        row("selective accuracy at threshold (%)", "selective_accuracy", "{:.1f}", 100),
-        row("coverage at threshold (%)", "coverage", "{:.1f}", 100),
-        row("OOD threshold", "ood_threshold", "{:.2f}"),
-        row("held-out H&E tiles flagged OOD (%)", "in_distribution_flagged", "{:.1f}", 100),
+        "## Expected calibration error",
         "",
-        "| out-of-distribution set | n | AUROC vs held-out H&E (mean over seeds) | flagged at threshold |",
+        "Per pair: mean over seeds. Pooled: every pair's held-out tiles together, each scored by the model "
+        "it was held out from (one ECE per seed, then the mean).",
+        "",
+        "| calibration | "
+        + " | ".join(f"{short[p]} (n={by_pair[p][0]['n_test']})" for p in pairs)
+        + " | mean of pairs | pooled (per seed) |",
+        "|---|" + "---|" * (len(pairs) + 2),
+    ]
+    for key, label in [*CALIBRATIONS.items(), ("floor", "ECE of a *perfectly* calibrated model, this many tiles")]:
+        row = summary[key]
+        per_seed = ", ".join(fmt(v) for v in row["pooled_per_seed"])
+        lines.append(
+            f"| {label} | "
+            + " | ".join(fmt(row["per_pair"][p]) for p in pairs)
+            + f" | {fmt(row['mean_of_pairs'])} | **{fmt(row['pooled'])}** ({per_seed}) |"
+        )
+    lines += [
+        "",
+        "## Per run",
+        "",
+        "| held out | seed | accuracy (%) | noise injected / estimated "
+        "| temperature served / clean cross-slide / oracle | ECE served | abstention threshold "
+        "| selective accuracy (%) | coverage (%) | held-out H&E flagged OOD (%) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in runs:
+        t = r["temperatures"]
+        lines.append(
+            f"| {short[r['holdout']]} | {r['seed']} | {fmt(r['accuracy'], '{:.1f}', 100)} "
+            f"| {r['injected_noise']:.3f} / {r['estimated_noise']:.3f} "
+            f"| {t['served']:.2f} / {fmt(t['clean_cross_slide'], '{:.2f}')} / {t['oracle']:.2f} "
+            f"| {r['ece']['served']:.3f} | {r['abstain_threshold']:.3f} "
+            f"| {fmt(r['selective_accuracy'], '{:.1f}', 100)} | {100 * r['coverage']:.1f} "
+            f"| {100 * r['in_distribution_flagged']:.1f} |"
+        )
+    lines += [
+        "",
+        "## Out of distribution",
+        "",
+        "| out-of-distribution set | n | AUROC vs held-out H&E (mean over runs) | flagged at threshold |",
         "|---|---|---|---|",
     ]
-    for name in first["ood"]:
+    for name in runs[0]["ood"]:
         auc = np.mean([r["ood"][name]["auroc"] for r in runs])
         flagged = np.mean([r["ood"][name]["flagged"] for r in runs])
-        lines.append(f"| {name} | {first['ood'][name]['n']} | {auc:.3f} | {100 * flagged:.1f} % |")
+        lines.append(f"| {name} | {runs[0]['ood'][name]['n']} | {auc:.3f} | {100 * flagged:.1f} % |")
+    seed0 = by_seed[0]
+    y0 = np.concatenate([r["_arrays"][1] for r in seed0])
+    pictures = {}
+    for key, title in (("none", "no temperature"), ("served", "as served"), ("oracle", "oracle temperature per pair")):
+        pictures[f"{title}, pooled held-out pairs, seed 0"] = (
+            np.concatenate([softmax(r["_arrays"][0], r["temperatures"][key]) for r in seed0]),
+            y0,
+        )
+    reliability_diagram(args.out / f"{args.name}.png", pictures)
     write_atomic(args.out / f"{args.name}.json", json.dumps(result, indent=1) + "\n")
     write_atomic(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))

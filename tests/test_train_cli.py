@@ -72,6 +72,12 @@ def test_run_writes_a_servable_model_and_reports(trained):
     assert 0 <= report["test"]["accuracy"] <= 1
     assert report["injected_noise"]["flipped_fraction"] == pytest.approx(0.4, abs=0.02)
     assert "auroc_vs_injected_flips" in report["suspects"]
+    # default calibration: a temperature fitted on cross-slide predictions, baked into the graph
+    confidence = report["confidence"]
+    assert confidence["calibration"] == "cross-slide" and "cross-slide" in card.calibration.method
+    assert 0 < confidence["cross_slide"]["n"] <= 81 - 14
+    assert card.calibration.temperature == confidence["temperature"] == confidence["cross_slide"]["temperature"]
+    assert "cross-slide" in card.abstention.measured_on
     for name in ("confusion.png", "confusion_test.png", "suspects.png", "config.json"):
         assert (out / name).stat().st_size > 0
     with open(out / "suspects.csv") as handle:

@@ -41,7 +41,7 @@ from models.card import (
     write_atomic,
 )
 from training.calibration import (
-    estimate_transition,
+    anchor_transition,
     expected_calibration_error,
     fit_temperature,
     reliability_diagram,
@@ -56,12 +56,19 @@ from training.heads import HEADS
 from training.metrics import auroc, classification_report, plot_confusion
 from training.noise import inject, parse_noise
 from training.ood import MahalanobisScore
-from training.robust import ENSEMBLES, LOSSES, METHODS, TrainConfig, fit_head, knn_votes
+from training.robust import ENSEMBLES, LOSSES, METHODS, TrainConfig, cross_slide_logits, fit_head, knn_votes
 from training.suspects import contact_sheet, suspect_scores, write_suspects
 
 log = logging.getLogger("histo_robust.train")
 
 OOD_QUANTILE = 0.99
+CALIBRATIONS = ("cross-slide", "cleaned", "transition", "none")
+CALIBRATION_METHODS = {
+    "cross-slide": "temperature through the anchor-point noise transition, fitted on cross-slide predictions",
+    "cleaned": "temperature scaling on kNN-cleaned validation labels",
+    "transition": "temperature through the anchor-point noise transition, fitted on the validation split",
+    "none": "none (temperature 1)",
+}
 
 KATHER_CREDIT = (
     "Kather JN, Weis CA, Bianconi F, et al. Multi-class texture analysis in colorectal cancer histology. "
@@ -128,12 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--variants", default="", help="extra ONNX variants, comma-separated: fp16,int8")
     p.add_argument(
         "--calibration",
-        choices=("cleaned", "transition", "none"),
-        default="none",
-        help="temperature put into the graph: fitted on kNN-cleaned validation labels, fitted through an "
-        "estimated noise transition, or none. Both fits are always reported in report.json. Default none: "
-        "the slide ensemble's raw probabilities measured best on the default's held-out slides, a fitted "
-        "temperature on harder ones (benchmarks/confidence.py, README)",
+        choices=CALIBRATIONS,
+        default="cross-slide",
+        help="temperature put into the graph, fitted without clean labels. cross-slide: every labelled slide "
+        "predicted by an ensemble that never saw it, fitted through the anchor-point noise transition "
+        "(falls back to the validation split with fewer than 3 slides); cleaned / transition: on the "
+        "validation split, against kNN-cleaned labels / through the transition; none: temperature 1. "
+        "The validation-split fits are always reported in report.json",
     )
     p.add_argument(
         "--target-selective-accuracy",
@@ -240,9 +248,25 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- noise-aware calibration, abstention threshold and OOD scorer: noisy labels only
     votes = knn_votes(x_all, y_noisy, len(classes), args.knn_k)
+    t = time.perf_counter()
     confidence = _fit_confidence(
-        args, head, x_all, x_test, test, classes, votes, y_noisy, train_idx, val_idx, result.train_labels, out
+        args,
+        config,
+        head,
+        x_all,
+        x_test,
+        test,
+        classes,
+        votes,
+        y_noisy,
+        y_given if noise is not None else None,
+        patches.slides,
+        train_idx,
+        val_idx,
+        result.train_labels,
+        out,
     )
+    timings["calibrate"] = time.perf_counter() - t
     probs_all = confidence.pop("probs_all")
     report: dict = {
         "classes": classes,
@@ -334,64 +358,116 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _fit_confidence(
-    args, head, x_all, x_test, test, classes, votes, y_noisy, train_idx, val_idx, train_labels, out: Path
+    args,
+    config: TrainConfig,
+    head,
+    x_all,
+    x_test,
+    test,
+    classes,
+    votes,
+    y_noisy,
+    y_original,
+    slides,
+    train_idx,
+    val_idx,
+    train_labels,
+    out: Path,
 ) -> dict:
     """Temperature (noise-aware), abstention threshold and OOD scorer, fitted without clean labels.
 
-    The kNN-cleaned labels stand in for the truth where a proxy is needed (transition estimate,
-    ECE and selective accuracy on validation); clean ``--test`` labels, when given, only measure.
+    Nothing here is fitted on clean labels. kNN-cleaned labels stand in for the truth only in the
+    ECE reported for data without clean labels; clean ``--test`` labels, and the original labels of
+    an ``--inject-noise`` experiment (``y_original``), only measure.
     """
     n = len(classes)
     with torch.no_grad():
         logits = head(torch.from_numpy(x_all)).numpy()
         test_logits = head(torch.from_numpy(x_test)).numpy() if x_test is not None else None
     cleaned = votes.argmax(1)
-    transition = estimate_transition(cleaned[train_idx], y_noisy[train_idx], n)
-    # Both fits use one validation slide group, so they carry its difficulty: they help on unseen
+    transition = anchor_transition(votes, y_noisy, n)
+    # The validation-split fits carry that one slide group's difficulty: they help on unseen
     # slides harder than it and hurt on easier ones (benchmarks/confidence.py, README).
     cleaned_temperature = fit_temperature(logits[val_idx], cleaned[val_idx])
     transition_temperature = fit_temperature(logits[val_idx], y_noisy[val_idx], transition)
-    temperature = {"cleaned": cleaned_temperature, "transition": transition_temperature, "none": 1.0}[args.calibration]
     naive_temperature = fit_temperature(logits[val_idx], y_noisy[val_idx])
-    probs_all = softmax(logits, temperature)
-    raw_val, cal_val = softmax(logits[val_idx]), probs_all[val_idx]
+    calibration = args.calibration
+    cross = None
+    if calibration == "cross-slide":
+        labelled = np.sort(np.r_[train_idx, val_idx])
+        cross = cross_slide_logits(
+            x_all[labelled], y_noisy[labelled], np.asarray(slides)[labelled], n, config, cleaned[labelled]
+        )
+        if cross is None:
+            print(
+                "warning: cross-slide calibration needs tiles of at least 3 slides; "
+                "fitting the temperature through the noise transition on the validation split",
+                file=sys.stderr,
+            )
+            calibration = "transition"
+        else:
+            cross = (labelled[cross[0]], cross[1])
     info: dict = {
-        "temperature": temperature,
-        "calibration": args.calibration,
+        "calibration": calibration,
         "cleaned_label_temperature": cleaned_temperature,
         "naive_temperature_on_noisy_labels": naive_temperature,
         "transition_adjusted_temperature": transition_temperature,
         "transition_estimate": np.round(transition, 3).tolist(),
-        "ece_val_vs_cleaned": {
-            "before": expected_calibration_error(raw_val, cleaned[val_idx]),
-            "after": expected_calibration_error(cal_val, cleaned[val_idx]),
-        },
+        "estimated_noise_rate_from_transition": float(
+            1 - np.average(np.diag(transition), weights=np.bincount(cleaned, minlength=n) + 1)
+        ),
     }
+    if cross is not None:
+        cross_idx, cross_logits = cross
+        temperature = fit_temperature(cross_logits, y_noisy[cross_idx], transition)
+        info["cross_slide"] = {"n": len(cross_idx), "temperature": temperature}
+        if y_original is not None:  # experiments: what the clean labels of the same predictions ask for
+            info["cross_slide"]["temperature_vs_original_labels"] = fit_temperature(cross_logits, y_original[cross_idx])
+        fit_logits, fit_labels = cross_logits, cleaned[cross_idx]
+        split = "cross-slide predictions vs kNN-cleaned labels"
+    else:
+        temperature = {"cleaned": cleaned_temperature, "transition": transition_temperature, "none": 1.0}[calibration]
+        fit_logits, fit_labels = logits[val_idx], cleaned[val_idx]
+        split = "validation split vs kNN-cleaned labels"
+    info["temperature"] = temperature
+    probs_all = softmax(logits, temperature)
+    raw_fit, cal_fit = softmax(fit_logits), softmax(fit_logits, temperature)
+    info["ece_vs_cleaned"] = {
+        "split": split,
+        "before": expected_calibration_error(raw_fit, fit_labels),
+        "after": expected_calibration_error(cal_fit, fit_labels),
+    }
+    name = "cross-slide predictions" if cross is not None else "validation"
     curves = {
-        "validation, uncalibrated (vs kNN-cleaned labels)": (raw_val, cleaned[val_idx]),
-        "validation, calibrated (vs kNN-cleaned labels)": (cal_val, cleaned[val_idx]),
+        f"{name}, uncalibrated (vs kNN-cleaned labels)": (raw_fit, fit_labels),
+        f"{name}, calibrated (vs kNN-cleaned labels)": (cal_fit, fit_labels),
     }
-    # Expected accuracy of each validation tile = its confidence after the noise-aware fit on
-    # kNN-cleaned labels, whatever temperature is served: raw confidences are over-confident on
-    # unseen slides, and cleaned labels are too noisy to count hits against.
-    expected = softmax(logits[val_idx], cleaned_temperature).max(1)
-    threshold, sel_acc, coverage = selective_threshold(cal_val, None, args.target_selective_accuracy, expected)
+    # Expected accuracy of each tile = its confidence after a noise-aware fit: counting hits
+    # against cleaned labels would make a 90 % target unreachable even for a perfect model.
+    if cross is not None:
+        threshold, sel_acc, coverage = selective_threshold(cal_fit, None, args.target_selective_accuracy)
+        measured_on = "cross-slide predictions, expected accuracy = calibrated confidence"
+    else:
+        expected = softmax(logits[val_idx], cleaned_temperature).max(1)
+        threshold, sel_acc, coverage = selective_threshold(
+            probs_all[val_idx], None, args.target_selective_accuracy, expected
+        )
+        measured_on = "validation split, expected accuracy = confidence after the kNN-cleaned temperature fit"
     info["abstention"] = {
         "threshold": threshold,
         "target_selective_accuracy": args.target_selective_accuracy,
         "selective_accuracy": sel_acc,
         "coverage": coverage,
-        "measured_on": "validation split, expected accuracy = confidence after the kNN-cleaned temperature fit",
+        "measured_on": measured_on,
     }
     if test_logits is not None:
         y_test = np.array([classes.index(label) for label in test.labels])
         raw_t, cal_t = softmax(test_logits), softmax(test_logits, temperature)
-        naive_t = softmax(test_logits, naive_temperature)
         kept = cal_t.max(1) >= threshold
         info["test"] = {
             "ece_uncalibrated": expected_calibration_error(raw_t, y_test),
             "ece_calibrated": expected_calibration_error(cal_t, y_test),
-            "ece_naive_temperature": expected_calibration_error(naive_t, y_test),
+            "ece_naive_temperature": expected_calibration_error(softmax(test_logits, naive_temperature), y_test),
             "ece_transition_temperature": expected_calibration_error(
                 softmax(test_logits, transition_temperature), y_test
             ),
@@ -399,6 +475,10 @@ def _fit_confidence(
             "selective_accuracy": float((cal_t.argmax(1) == y_test)[kept].mean()) if kept.any() else None,
             "coverage": float(kept.mean()),
         }
+        if cross is not None and y_original is not None:
+            info["test"]["ece_cross_slide_original_labels_temperature"] = expected_calibration_error(
+                softmax(test_logits, info["cross_slide"]["temperature_vs_original_labels"]), y_test
+            )
         curves["clean test, uncalibrated"] = (raw_t, y_test)
         curves["clean test, calibrated"] = (cal_t, y_test)
     reliability_diagram(out / "reliability.png", curves)
@@ -489,14 +569,10 @@ def _export(
         parity=parity,
         calibration=Calibration(
             temperature=confidence["temperature"],
-            method={
-                "cleaned": "temperature scaling on kNN-cleaned validation labels",
-                "transition": "temperature scaling through an estimated noise transition",
-                "none": "none (temperature 1)",
-            }[args.calibration],
-            ece_before=confidence["ece_val_vs_cleaned"]["before"],
-            ece_after=confidence["ece_val_vs_cleaned"]["after"],
-            ece_split="validation split vs kNN-cleaned labels",
+            method=CALIBRATION_METHODS[confidence["calibration"]],
+            ece_before=confidence["ece_vs_cleaned"]["before"],
+            ece_after=confidence["ece_vs_cleaned"]["after"],
+            ece_split=confidence["ece_vs_cleaned"]["split"],
         ),
         abstention=Abstention(**confidence["abstention"]),
         ood=OodScorer(**confidence["ood"]),
