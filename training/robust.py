@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -299,7 +299,7 @@ def fit_head(
     )
 
 
-def cross_slide_logits(
+def cross_slide_fits(
     x: np.ndarray,
     y: np.ndarray,
     slides: list[str] | np.ndarray,
@@ -307,39 +307,51 @@ def cross_slide_logits(
     config: TrainConfig,
     reference: np.ndarray | None = None,
     min_class_share: float = 0.2,
-) -> tuple[np.ndarray, np.ndarray] | None:
-    """Every labelled slide predicted by a head fitted as :func:`fit_head` fits, without that slide.
+) -> Iterator[tuple[np.ndarray, nn.Module]]:
+    """Yield ``(left_out_mask, head)``: per slide group, a head fitted as :func:`fit_head` fits, without it.
 
-    Returns ``(indices, log_probabilities)`` for the tiles of each slide group that could be left
-    out, or None with fewer than three known slide groups. These are the predictions a calibration
-    has to match: the served model meets every slide unseen, and on Kather the accuracy it reaches
-    there swings by 40 points from slide to slide (37 to 81 %), so a temperature fitted on one
-    validation slide carries that slide's difficulty.
-
-    A group is skipped when the other slides keep less than ``min_class_share`` of some class's
-    tiles by the ``reference`` labels (pass kNN-cleaned ones: noisy labels scatter every class over
-    every slide). Without that class the head would be wrong on all of its tiles, which the served
-    model, trained with them, never is: on Kather slide 06 holds all the empty-background tiles.
+    Nothing is yielded with fewer than three known slide groups. A group is skipped when the other
+    slides keep less than ``min_class_share`` of some class's tiles by the ``reference`` labels
+    (pass kNN-cleaned ones: noisy labels scatter every class over every slide). Without that class
+    the head would be wrong on all of its tiles, which the served model, trained with them, never
+    is: on Kather slide 06 holds all the empty-background tiles.
     """
     slides = np.asarray(slides)
     reference = y if reference is None else reference
     groups = slide_groups(slides, config.ensemble_members)
     if len(groups) < 3:
-        return None
+        return
     totals = np.bincount(reference, minlength=n_classes)
-    indices, logits = [], []
     for group in groups:
         out = np.isin(slides, group)
         kept = np.bincount(reference[~out], minlength=n_classes)
-        if (kept < min_class_share * totals).any():
-            lost = [c for c in range(n_classes) if kept[c] < min_class_share * totals[c]]
+        if lost := [c for c in range(n_classes) if kept[c] < min_class_share * totals[c]]:
             log.info("cross-slide calibration skips %s: it holds most tiles of class(es) %s", ",".join(group), lost)
             continue
-        result = fit_head(x[~out], y[~out], slides[~out], x[:0], y[:0], n_classes, config)
+        yield out, fit_head(x[~out], y[~out], slides[~out], x[:0], y[:0], n_classes, config).model
+
+
+def cross_slide_logits(
+    x: np.ndarray,
+    y: np.ndarray,
+    slides: list[str] | np.ndarray,
+    n_classes: int,
+    config: TrainConfig,
+    reference: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Every labelled slide predicted by a head fitted as :func:`fit_head` fits, without that slide.
+
+    Returns ``(indices, log_probabilities)`` for the tiles of each slide group that could be left
+    out (:func:`cross_slide_fits`), or None when none could. These are the predictions a
+    calibration has to match: the served model meets every slide unseen, and on Kather the accuracy
+    it reaches there swings by 44 points from slide to slide (37 to 81 %), so a temperature fitted
+    on one validation slide carries that slide's difficulty.
+    """
+    indices, logits = [], []
+    for out, model in cross_slide_fits(x, y, slides, n_classes, config, reference):
         with torch.no_grad():
-            logits.append(torch.log_softmax(result.model(torch.from_numpy(x[out]).float()), 1).numpy())
+            logits.append(torch.log_softmax(model(torch.from_numpy(x[out]).float()), 1).numpy())
         indices.append(np.flatnonzero(out))
-        log.info("cross-slide predictions for %s: %d tiles", ",".join(group), out.sum())
     if not indices:
         return None
     return np.concatenate(indices), np.concatenate(logits)
