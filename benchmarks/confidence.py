@@ -75,9 +75,10 @@ def ood_sets(tiles: list[Path], seed: int) -> dict[str, list[Image.Image]]:
             x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
             (ihc if name == "ihc.png" else natural).append(image.crop((x0, y0, x0 + side, y0 + side)))
     picked = [tiles[i] for i in rng.choice(len(tiles), size=min(200, len(tiles)), replace=False)]
-    blurred = [Image.open(p).convert("RGB").filter(ImageFilter.GaussianBlur(4)) for p in picked[:100]]
+    half = len(picked) // 2
+    blurred = [Image.open(p).convert("RGB").filter(ImageFilter.GaussianBlur(4)) for p in picked[:half]]
     pen = []
-    for p in picked[100:200]:
+    for p in picked[half:]:
         image = Image.open(p).convert("RGB")
         draw = ImageDraw.Draw(image)
         colour = [(20, 40, 160), (20, 120, 40), (10, 10, 10)][int(rng.integers(3))]

@@ -6,6 +6,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -83,3 +85,55 @@ def test_wsi_benchmark_on_two_small_slides(tmp_path):
         job = result["job_gaps"][mode]
         assert job["tiles"] == 3 * 36 and len(job["gaps_s"]) == 2 and all(g >= 0 for g in job["gaps_s"])
     assert (tmp_path / "wsi.txt").read_text().splitlines() == result["report"]
+
+
+def test_confidence_benchmark_on_a_tiny_subset(tmp_path):
+    """Train, serve through onnxruntime and measure, one held-out pair, one seed: the plumbing."""
+    result = _load("confidence").main(
+        [
+            "--data",
+            str(ROOT / "tests" / "fixtures" / "kather"),
+            "--holdout-slides",
+            "CRC-Prim-HE-01,CRC-Prim-HE-07",
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    run = result["runs"][0]
+    assert run["n_test"] == 25 and run["calibration"].startswith("temperature through the anchor-point")
+    served = result["ece_summary"]["served"]
+    assert served["per_pair"]["CRC-Prim-HE-01,CRC-Prim-HE-07"] == run["ece"]["served"]
+    assert served["pooled"] == pytest.approx(run["ece"]["served"], abs=1e-6)  # one pair: pooling changes nothing
+    assert 0 <= run["ece"]["served"] <= 1 and run["temperatures"]["oracle"] > 0
+    assert set(run["ood"]) == {"ihc", "natural photographs", "blurred H&E", "pen-marked H&E", "all non-H&E"}
+    assert json.loads((tmp_path / "confidence.json").read_text())["seeds"] == 1
+    assert "| **as served**" in (tmp_path / "confidence.md").read_text()
+    assert (tmp_path / "confidence.png").stat().st_size > 0
+
+
+def test_calibration_limits_on_a_tiny_subset(tmp_path):
+    result = _load("calibration_limits").main(
+        [
+            "--data",
+            str(ROOT / "tests" / "fixtures" / "kather"),
+            "--holdout-slides",
+            "CRC-Prim-HE-01,CRC-Prim-HE-07",
+            "--seeds",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    # cross-slide predictions cover the labelled slides except 06 (it holds every empty tile)
+    assert {r["slide"] for r in result["slides"]} == {"CRC-Prim-HE-03", "CRC-Prim-HE-05", "CRC-Prim-HE-08"}
+    assert set(result["ece_mean"]) == {
+        "one temperature",
+        "temperature by confidence",
+        "temperature by disagreement",
+        "temperature by ood",
+        "temperature by similarity",
+    }
+    assert all(0 <= v <= 1 for v in result["ece_mean"].values())
+    assert (tmp_path / "calibration_limits.md").is_file()
