@@ -87,8 +87,9 @@ def test_wsi_benchmark_on_two_small_slides(tmp_path):
     assert (tmp_path / "wsi.txt").read_text().splitlines() == result["report"]
 
 
-def test_confidence_benchmark_on_a_tiny_subset(tmp_path):
+def test_confidence_benchmark_on_a_tiny_subset(tmp_path, monkeypatch):
     """Train, serve through onnxruntime and measure, one held-out pair, one seed: the plumbing."""
+    monkeypatch.setenv("HISTO_CACHE_DIR", str(tmp_path / "cache"))
     result = _load("confidence").main(
         [
             "--data",
@@ -113,7 +114,8 @@ def test_confidence_benchmark_on_a_tiny_subset(tmp_path):
     assert (tmp_path / "confidence.png").stat().st_size > 0
 
 
-def test_calibration_limits_on_a_tiny_subset(tmp_path):
+def test_calibration_limits_on_a_tiny_subset(tmp_path, monkeypatch):
+    monkeypatch.setenv("HISTO_CACHE_DIR", str(tmp_path / "cache"))
     result = _load("calibration_limits").main(
         [
             "--data",
