@@ -150,3 +150,13 @@ def test_thresholds_can_be_overridden_at_serving_time(monkeypatch):
     runtime = Runtime(ROOT / "models" / "default")
     pred = runtime.predict(np.zeros((1, 224, 224, 3), np.uint8))
     assert runtime.abstained(pred).all() and not runtime.out_of_distribution(pred).any()
+
+
+def test_cross_slide_predictions_with_three_slides_use_single_heads_with_a_validation_split():
+    x, y, slides = _fixture()
+    three = np.isin(slides, ["CRC-Prim-HE-03", "CRC-Prim-HE-05", "CRC-Prim-HE-07"])
+    noisy = uniform_noise(y[three], 0.4, 8, seed=0)
+    idx, logits = cross_slide_logits(x[three], noisy, slides[three], 8, TrainConfig(knn_k=15, epochs=30))
+    assert sorted(idx.tolist()) == list(range(three.sum()))  # every slide predicted once, by a head without it
+    assert np.allclose(np.exp(logits).sum(1), 1, atol=1e-5)
+    assert cross_slide_logits(x[three][:0], noisy[:0], slides[three][:0], 8, TrainConfig()) is None

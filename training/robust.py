@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.data import slide_split
 from training.heads import make_head
 
 log = logging.getLogger("histo_robust.robust")
@@ -328,7 +329,14 @@ def cross_slide_fits(
         if lost := [c for c in range(n_classes) if kept[c] < min_class_share * totals[c]]:
             log.info("cross-slide calibration skips %s: it holds most tiles of class(es) %s", ",".join(group), lost)
             continue
-        yield out, fit_head(x[~out], y[~out], slides[~out], x[:0], y[:0], n_classes, config).model
+        rest = np.flatnonzero(~out)
+        # As in training/train.py: a slide ensemble early-stops each member on its own left-out
+        # slides; a single head (by choice, or too few slides) needs a validation split.
+        if config.ensemble == "single" or len(slide_groups(slides[rest], config.ensemble_members)) < 3:
+            fit, val = (rest[i] for i in slide_split(list(slides[rest]), y[rest], 0.2, config.seed))
+        else:
+            fit, val = rest, rest[:0]
+        yield out, fit_head(x[fit], y[fit], slides[fit], x[val], y[val], n_classes, config).model
 
 
 def cross_slide_logits(
