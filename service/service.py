@@ -225,7 +225,9 @@ class HistoClassifier:
         """Classify an uploaded whole-slide image (SVS, NDPI, MRXS, tiled TIFF...) as a background task.
 
         Submit with ``POST /classify_slide/submit`` (multipart field ``slide``; optional ``mpp``), poll
-        ``GET /classify_slide/status?task_id=...`` and fetch ``GET /classify_slide/get?task_id=...``.
+        ``GET /classify_slide/status?task_id=...`` and fetch ``GET /classify_slide/get?task_id=...``
+        (retry while it answers 400 "not completed yet": status and get can reach different
+        front-end workers, and one may see BentoML's task store a moment after the other).
         Only uploaded files are read: the service accepts no server-side path, so no request can
         reach files outside its own upload.
         """

@@ -180,14 +180,26 @@ def test_concurrent_requests_are_batched_and_answers_match(served):
 
 
 def _run_slide_task(url: str, name: str, data: bytes) -> requests.Response:
+    """Submit, poll the status, then fetch, as a client would.
+
+    ``status`` and ``get`` may be answered by different front-end workers, and BentoML's task store
+    (SQLite) can show one of them the finished task a moment later than the other: a CI run saw
+    ``get`` answer 400 "not completed yet" right after ``status`` said completed. So ``get`` is
+    retried while it says so.
+    """
     task = requests.post(f"{url}/classify_slide/submit", files=[("slide", (name, data))], timeout=60).json()
+    params = {"task_id": task["task_id"]}
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        status = requests.get(f"{url}/classify_slide/status", params={"task_id": task["task_id"]}, timeout=10).json()
-        if status["status"] in ("success", "completed", "failure", "failed"):
+        status = requests.get(f"{url}/classify_slide/status", params=params, timeout=10).json()
+        if status["status"] in ("completed", "failed"):
             break
         time.sleep(0.3)
-    return requests.get(f"{url}/classify_slide/get", params={"task_id": task["task_id"]}, timeout=30)
+    while True:
+        response = requests.get(f"{url}/classify_slide/get", params=params, timeout=30)
+        if response.status_code != 400 or "not completed" not in response.text or time.monotonic() > deadline:
+            return response
+        time.sleep(0.3)
 
 
 def test_slide_task_returns_summary_and_geojson(served):
