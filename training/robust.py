@@ -26,6 +26,7 @@ that is sure.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Callable, Iterator
@@ -336,7 +337,24 @@ def cross_slide_fits(
             fit, val = (rest[i] for i in slide_split(list(slides[rest]), y[rest], 0.2, config.seed))
         else:
             fit, val = rest, rest[:0]
-        yield out, fit_head(x[fit], y[fit], slides[fit], x[val], y[val], n_classes, config).model
+        with _quiet("histo_robust.robust", "histo_robust.data"):  # the served fit already said it all
+            model = fit_head(x[fit], y[fit], slides[fit], x[val], y[val], n_classes, config).model
+        log.info("cross-slide head without %s: %d tiles to predict", ",".join(group), out.sum())
+        yield out, model
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Silence these loggers below ERROR for the block (nested fits repeat the served fit's messages)."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def cross_slide_logits(
