@@ -197,3 +197,31 @@ def test_help_documents_every_option():
         "--variants",
     ):
         assert option in text
+
+
+def test_data_without_slide_ids_falls_back_to_the_validation_split_for_calibration(tmp_path, capsys):
+    listing = tmp_path / "tiles.csv"
+    tiles = sorted(p for p in FIXTURES.rglob("*") if p.is_file())
+    listing.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in tiles))
+    report = train.main(
+        [
+            "--data",
+            str(listing),
+            "--out",
+            str(tmp_path / "out"),
+            "--no-export",
+            "--slide-regex",
+            "(no slide id in these names)",
+            "--knn-k",
+            "5",
+            "--epochs",
+            "5",
+            "--cache-dir",
+            str(tmp_path / "cache"),
+        ]
+    )
+    assert "cross-slide calibration needs tiles of at least 3 slides" in capsys.readouterr().err
+    confidence = report["confidence"]
+    assert confidence["calibration"] == "transition" and "cross_slide" not in confidence
+    assert confidence["temperature"] == confidence["transition_adjusted_temperature"]
+    assert confidence["abstention"]["measured_on"].startswith("validation split")
