@@ -269,6 +269,8 @@ def fit_head(
 
     Each member is :func:`train_head` on the tiles outside its slide group, early-stopped on the
     group's (noisy) labels; ``x_val``/``y_val`` stay untouched for calibration and reporting.
+    One head early-stops on ``x_val``; given none (cross-slide fits), on a slide split of the
+    training tiles.
     """
     if config.ensemble not in ENSEMBLES:
         raise ValueError(f"unknown ensemble {config.ensemble!r}; choose from {', '.join(ENSEMBLES)}")
@@ -277,6 +279,9 @@ def fit_head(
     if len(groups) < 3:
         if config.ensemble == "slides":
             log.warning("fewer than 3 training slides: one head instead of a slide ensemble")
+        if len(x_val) == 0:  # one head needs something to early-stop on: hold out slides, as train.py does
+            fit, val = slide_split(list(slides_train), y_train, 0.2, config.seed)
+            return train_head(x_train[fit], y_train[fit], x_train[val], y_train[val], n_classes, config)
         return train_head(x_train, y_train, x_val, y_val, n_classes, config)
     members, epochs = [], []
     for group in groups:
@@ -330,15 +335,8 @@ def cross_slide_fits(
         if lost := [c for c in range(n_classes) if kept[c] < min_class_share * totals[c]]:
             log.info("cross-slide calibration skips %s: it holds most tiles of class(es) %s", ",".join(group), lost)
             continue
-        rest = np.flatnonzero(~out)
-        # As in training/train.py: a slide ensemble early-stops each member on its own left-out
-        # slides; a single head (by choice, or too few slides) needs a validation split.
-        if config.ensemble == "single" or len(slide_groups(slides[rest], config.ensemble_members)) < 3:
-            fit, val = (rest[i] for i in slide_split(list(slides[rest]), y[rest], 0.2, config.seed))
-        else:
-            fit, val = rest, rest[:0]
         with _quiet("histo_robust.robust", "histo_robust.data"):  # the served fit already said it all
-            model = fit_head(x[fit], y[fit], slides[fit], x[val], y[val], n_classes, config).model
+            model = fit_head(x[~out], y[~out], slides[~out], x[:0], y[:0], n_classes, config).model
         log.info("cross-slide head without %s: %d tiles to predict", ",".join(group), out.sum())
         yield out, model
 
