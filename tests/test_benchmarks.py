@@ -87,21 +87,17 @@ def test_wsi_benchmark_on_two_small_slides(tmp_path):
     assert (tmp_path / "wsi.txt").read_text().splitlines() == result["report"]
 
 
+def _run_on_fixture_pair(name: str, tmp_path: Path, monkeypatch) -> dict:
+    """One benchmark on the fixture tiles: slides 01 and 07 held out, one seed, a private cache."""
+    monkeypatch.setenv("HISTO_CACHE_DIR", str(tmp_path / "cache"))
+    data = str(ROOT / "tests" / "fixtures" / "kather")
+    pair = "CRC-Prim-HE-01,CRC-Prim-HE-07"
+    return _load(name).main(["--data", data, "--holdout-slides", pair, "--seeds", "1", "--out", str(tmp_path)])
+
+
 def test_confidence_benchmark_on_a_tiny_subset(tmp_path, monkeypatch):
     """Train, serve through onnxruntime and measure, one held-out pair, one seed: the plumbing."""
-    monkeypatch.setenv("HISTO_CACHE_DIR", str(tmp_path / "cache"))
-    result = _load("confidence").main(
-        [
-            "--data",
-            str(ROOT / "tests" / "fixtures" / "kather"),
-            "--holdout-slides",
-            "CRC-Prim-HE-01,CRC-Prim-HE-07",
-            "--seeds",
-            "1",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    result = _run_on_fixture_pair("confidence", tmp_path, monkeypatch)
     run = result["runs"][0]
     assert run["n_test"] == 25 and run["calibration"].startswith("temperature through the anchor-point")
     served = result["ece_summary"]["served"]
@@ -115,19 +111,7 @@ def test_confidence_benchmark_on_a_tiny_subset(tmp_path, monkeypatch):
 
 
 def test_calibration_limits_on_a_tiny_subset(tmp_path, monkeypatch):
-    monkeypatch.setenv("HISTO_CACHE_DIR", str(tmp_path / "cache"))
-    result = _load("calibration_limits").main(
-        [
-            "--data",
-            str(ROOT / "tests" / "fixtures" / "kather"),
-            "--holdout-slides",
-            "CRC-Prim-HE-01,CRC-Prim-HE-07",
-            "--seeds",
-            "1",
-            "--out",
-            str(tmp_path),
-        ]
-    )
+    result = _run_on_fixture_pair("calibration_limits", tmp_path, monkeypatch)
     # cross-slide predictions cover the labelled slides except 06 (it holds every empty tile)
     assert {r["slide"] for r in result["slides"]} == {"CRC-Prim-HE-03", "CRC-Prim-HE-05", "CRC-Prim-HE-08"}
     assert set(result["ece_mean"]) == {
