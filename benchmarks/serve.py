@@ -39,9 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 TILES = sorted((ROOT / "tests" / "fixtures" / "kather").glob("*/*.webp"))
 
 
-def raw_throughput(batch: int, seconds: float) -> tuple[float, float]:
+def raw_throughput(batch: int, seconds: float, device: str = "cpu") -> tuple[float, float]:
     """(images/s, CPU core-ms per image) of ``Runtime.predict`` on ``batch`` decoded tiles at a time."""
-    runtime = Runtime(ROOT / "models" / "default", device="cpu")
+    runtime = Runtime(ROOT / "models" / "default", device=device)
     pixels = np.stack([load_rgb(t.read_bytes(), t.name, runtime.input_size, 8) for t in (TILES * batch)[:batch]])
     runtime.predict(pixels)  # warm-up
     done, start, cpu = 0, time.perf_counter(), time.process_time()
@@ -127,11 +127,25 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--images-per-request", type=int, default=8, help="for an extra batched run with several tiles per request"
     )
+    p.add_argument(
+        "--device",
+        default=os.environ.get("HISTO_DEVICE", "cpu"),
+        help="cpu or cuda, for raw inference and the servers alike (default $HISTO_DEVICE or cpu)",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     args = p.parse_args(argv)
-    result = {"clients": args.clients, "batch": args.batch, "seconds": args.seconds, "cpu_count": os.cpu_count()}
-    result["raw_onnxruntime"], raw_core_ms = raw_throughput(args.batch, args.seconds)
-    result["raw_onnxruntime_batch1"], _ = raw_throughput(1, args.seconds)
+    runtime = Runtime(ROOT / "models" / "default", device=args.device)
+    provider = runtime.providers[0]
+    del runtime
+    result = {
+        "clients": args.clients,
+        "batch": args.batch,
+        "seconds": args.seconds,
+        "cpu_count": os.cpu_count(),
+        "provider": provider,
+    }
+    result["raw_onnxruntime"], raw_core_ms = raw_throughput(args.batch, args.seconds, args.device)
+    result["raw_onnxruntime_batch1"], _ = raw_throughput(1, args.seconds, args.device)
     result["raw_core_ms_per_image"] = raw_core_ms
     for name, env in [
         ("http_batched", {"HISTO_MAX_BATCH_SIZE": str(args.batch), "HISTO_MAX_LATENCY_MS": "10000"}),
@@ -139,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]:
         log = ROOT / "benchmarks" / "results" / "tmp" / f"serve-{name}.log"
         log.parent.mkdir(parents=True, exist_ok=True)
-        proc, url = start_server({**env, "HISTO_DEVICE": "cpu", "HISTO_MAX_BODY_MB": "32"}, log_path=log)
+        proc, url = start_server({**env, "HISTO_DEVICE": args.device, "HISTO_MAX_BODY_MB": "32"}, log_path=log)
         try:
             roles = server_roles(proc)
             before: dict[str, float] = {}
@@ -162,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
     spent = result["http_batched_core_ms_per_image"]
     result["cpu_only_http_ceiling"] = raw_core_ms / sum(spent.values())
     lines = [
-        f"images/s, model {Runtime(ROOT / 'models' / 'default', device='cpu').card.name}, CPU, "
+        f"images/s, model {Runtime(ROOT / 'models' / 'default', device='cpu').card.name}, {provider}, "
         f"{args.clients} clients x 1 image/request, {args.seconds:.0f} s each, {os.cpu_count()} CPUs",
         f"  raw onnxruntime (batch {args.batch}) : {result['raw_onnxruntime']:8.1f}",
         f"  HTTP, adaptive batching       : {result['http_batched']:8.1f}",
@@ -174,8 +188,9 @@ def main(argv: list[str] | None = None) -> dict:
         f"CPU core-ms per image: raw inference {raw_core_ms:.2f}; HTTP with batching "
         + ", ".join(f"{role} {ms:.2f}" for role, ms in spent.items())
         + f" = {sum(spent.values()):.2f}",
-        f"  -> on shared CPU cores HTTP / raw can reach at most {result['cpu_only_http_ceiling']:.2f}",
     ]
+    if provider == "CPUExecutionProvider":
+        lines.append(f"  -> on shared CPU cores HTTP / raw can reach at most {result['cpu_only_http_ceiling']:.2f}")
     if "http_batched_multi" in result:
         lines.append(
             f"HTTP, adaptive batching, {args.images_per_request} images/request: {result['http_batched_multi']:.1f} "

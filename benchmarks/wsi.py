@@ -69,7 +69,8 @@ for s in range(0, len(pixels), batch):
     runtime.predict(pixels[s : s + batch])
 wall, infer_cpu = time.perf_counter() - start, time.process_time() - cpu
 n = len(pixels)
-print("RAW", json.dumps({"tiles": n, "tiles_per_s": n / wall, "read_core_ms": 1000 * read_cpu / n,
+print("RAW", json.dumps({"provider": runtime.providers[0], "tiles": n, "tiles_per_s": n / wall,
+                         "read_core_ms": 1000 * read_cpu / n,
                          "infer_core_ms": 1000 * infer_cpu / n}))
 """
 
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
                 raw_tiles_per_s_before=before["tiles_per_s"],
                 raw_tiles_per_s_after=after["tiles_per_s"],
                 raw_tiles_per_s=raw,
+                provider=before["provider"],
                 end_to_end_tiles_per_s=e2e,
                 streaming_tiles_per_s=streamed,
                 end_to_end_over_raw=e2e / raw,
@@ -245,7 +247,8 @@ def main(argv: list[str] | None = None) -> dict:
         f"{last['peak_rss_mb']:.0f} MB vs {first['peak_rss_mb']:.0f} MB with {last['tiles']} vs {first['tiles']} "
         "tiles)",
         f"batch {args.batch}, {args.workers} reader threads, {result['cpus']} CPUs ({result['machine']}), "
-        f"model {result['model']}; raw = Runtime.predict on the first {args.raw_tiles} tiles of the same grid, "
+        f"model {result['model']} on {first['provider']}; raw = Runtime.predict on the first {args.raw_tiles} "
+        "tiles of the same grid, "
         "decoded in memory",
     ]
     if "job_gaps" in result:

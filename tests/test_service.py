@@ -235,3 +235,38 @@ def test_device_choice_and_a_cuda_provider_that_does_not_start(monkeypatch, capl
     assert "running on the CPU" in caplog.text
     confirm_device("cuda", wanted, wanted)  # CUDA started: nothing to say
     confirm_device("cpu", ["CPUExecutionProvider"], fell_back)
+
+
+def test_padded_batches_use_only_bucket_shapes_and_give_the_same_answers(caplog):
+    """On CUDA each new batch size costs ~0.35 s of cuDNN planning (H200), so batches are padded to a
+    few sizes warmed up at start. Padding must not change any answer, nor reach the session as any
+    other shape; forced on here, on the CPU, where the session is real and batch-invariant."""
+    from models.card import INPUT_NAME
+    from service.runtime import BUCKETS, batch_plan
+
+    assert batch_plan(1) == [(0, 1, 1)]
+    assert batch_plan(3) == [(0, 3, 4)]
+    assert batch_plan(70) == [(0, 64, 64), (64, 70, 8)]
+    assert batch_plan(0) == []
+    plain = Runtime(ROOT / "models" / "default", device="cpu")
+    assert not plain.pad_batches  # off by default on the CPU
+    with caplog.at_level("INFO", logger="histo_robust.runtime"):
+        padded = Runtime(ROOT / "models" / "default", device="cpu", pad_batches=True)
+    assert "warmed up batch sizes" in caplog.text
+    shapes: list[int] = []
+    session = padded.session
+
+    class Recorder:  # the real session, with the batch sizes it is given noted down
+        def run(self, names, feed):
+            shapes.append(len(feed[INPUT_NAME]))
+            return session.run(names, feed)
+
+    padded.session = Recorder()
+    pixels = np.random.default_rng(0).integers(0, 256, (70, padded.input_size, padded.input_size, 3), np.uint8)
+    for n in (1, 3, 5, 33, 70):
+        a, b = plain.predict(pixels[:n]), padded.predict(pixels[:n])
+        assert b.probabilities.shape == (n, len(plain.classes))
+        np.testing.assert_allclose(b.probabilities, a.probabilities, atol=1e-6)
+        np.testing.assert_allclose(b.embeddings, a.embeddings, atol=1e-5)
+        np.testing.assert_allclose(b.ood_scores, a.ood_scores, atol=1e-5)
+    assert set(shapes) <= set(BUCKETS) and shapes == [1, 4, 8, 64, 64, 8]
