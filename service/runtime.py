@@ -33,11 +33,13 @@ log = logging.getLogger("histo_robust.runtime")
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default"
 
 
-# On CUDA every new batch size costs a fresh set of cuDNN plans: measured on an H200 with this
-# project's EfficientNet, about 0.6 s per size with cuDNN's default EXHAUSTIVE search and still about
-# 0.35 s with HEURISTIC. Adaptive batching sends any size from 1 to the maximum, so HTTP fell to
-# 12 images/s (58 with HEURISTIC) against 7,700 raw. Hence HEURISTIC, plus padding every batch up to
-# one of a few sizes (``batch_plan``) that are all warmed up when the session starts.
+# On CUDA an InferenceSession rebuilds its cuDNN state whenever the batch size differs from its
+# previous call. Measured on an H200 with this project's EfficientNet: a session alternating between
+# batches of 8 and 16 took 0.19-0.32 s per call; one session per size took 1.6-2.4 ms. Adaptive
+# batching sends any size from 1 to the maximum, which is how HTTP fell to 12-58 images/s against
+# 7,900 raw. So on CUDA batches are padded to a few sizes (``batch_plan``), each with its own
+# session warmed up at start. HEURISTIC spares the exhaustive cuDNN benchmark at each session's
+# first run (about 0.6 s per size) at no measurable cost in throughput there.
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
@@ -46,7 +48,7 @@ def batch_plan(n: int, buckets: tuple[int, ...] = BUCKETS) -> list[tuple[int, in
     """``(start, stop, padded size)`` runs covering ``n`` images with only ``buckets`` sizes.
 
     Chunks of the largest bucket, then the remainder padded up to the next bucket: at most half of
-    any run is padding, and a GPU that does 7,700 images/s loses far less to it than to a new shape.
+    any run is padding, and a GPU doing 7,900 images/s loses far less to it than to a change of size.
     """
     largest, plan, start = buckets[-1], [], 0
     while start < n:
@@ -168,9 +170,9 @@ class Runtime:
         readers, the service's front-end workers): ONNX Runtime's idle intra-op threads otherwise
         busy-wait between batches and starve them.
 
-        ``pad_batches`` (default: on CUDA only) runs every batch at one of :data:`BUCKETS` sizes and
-        warms them all up here, so no request pays for a new shape. On a CPU padding would cost
-        compute in proportion, and new shapes cost nothing, so it stays off there."""
+        ``pad_batches`` (default: on CUDA only) runs every batch at one of :data:`BUCKETS` sizes, each
+        on a session of its own that sees no other size, all warmed up here. On a CPU padding would
+        cost compute in proportion and a change of size costs nothing, so it stays off there."""
         self.model = model_dir if isinstance(model_dir, ModelDir) else load_model_dir(model_dir or model_dir_from_env())
         self.card: ModelCard = self.model.card
         path = self.model.variant_path(variant or os.environ.get("HISTO_MODEL_VARIANT"))
@@ -184,11 +186,7 @@ class Runtime:
         if wanted[0] == "CUDAExecutionProvider":
             preload_cuda_libraries()
         try:
-            self.session = ort.InferenceSession(
-                str(path),
-                sess_options=options,
-                providers=[(p, CUDA_OPTIONS) if p == "CUDAExecutionProvider" else p for p in wanted],
-            )
+            self.session = self._new_session(path, options, wanted)
         except Exception as exc:  # onnxruntime raises several unrelated types for a bad graph
             raise ModelLoadError(f"{path}: onnxruntime cannot load the graph ({exc})") from exc
         self.providers = self.session.get_providers()
@@ -199,11 +197,13 @@ class Runtime:
             {o.name: list(o.shape) for o in self.session.get_outputs()},
             str(path),
         )
-        wanted = (PROBABILITIES_OUTPUT, EMBEDDINGS_OUTPUT, OOD_OUTPUT)
-        self._outputs = [o.name for o in self.session.get_outputs() if o.name in wanted]
+        served = (PROBABILITIES_OUTPUT, EMBEDDINGS_OUTPUT, OOD_OUTPUT)
+        self._outputs = [o.name for o in self.session.get_outputs() if o.name in served]
         self.abstain_threshold, self.ood_threshold = serving_thresholds(self.card)
         self.pad_batches = self.providers[0] == "CUDAExecutionProvider" if pad_batches is None else pad_batches
+        self._sessions: dict[int, ort.InferenceSession] = {}
         if self.pad_batches:
+            self._sessions = {size: self._new_session(path, options, self.providers) for size in BUCKETS}
             self._warm_up()
         if self.card.calibration is None or self.card.ood is None or OOD_OUTPUT not in self._outputs:
             log.warning(
@@ -235,7 +235,8 @@ class Runtime:
                 chunk = images[start:stop]
                 if size > len(chunk):
                     chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.uint8)])
-                runs.append([out[: stop - start] for out in self.session.run(self._outputs, {INPUT_NAME: chunk})])
+                outs = self._sessions[size].run(self._outputs, {INPUT_NAME: chunk})
+                runs.append([out[: stop - start] for out in outs])
             outputs = [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*runs, strict=True)]
         results = dict(zip(self._outputs, outputs, strict=True))
         probabilities = results[PROBABILITIES_OUTPUT].astype(np.float32, copy=False)
@@ -245,12 +246,17 @@ class Runtime:
         ood = results.get(OOD_OUTPUT)
         return Prediction(probabilities, embeddings, None if ood is None else ood.reshape(-1).astype(np.float32))
 
+    @staticmethod
+    def _new_session(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
+        with_options = [(p, CUDA_OPTIONS) if p == "CUDAExecutionProvider" else p for p in providers]
+        return ort.InferenceSession(str(path), sess_options=options, providers=with_options)
+
     def _warm_up(self) -> None:
-        """Run each bucket size once, so that the first requests of each size are not the slow ones."""
+        """Run each size's session once, so that no request pays for its first run."""
         start = time.perf_counter()
         side = self.input_size
-        for size in BUCKETS:
-            self.session.run(self._outputs, {INPUT_NAME: np.zeros((size, side, side, 3), np.uint8)})
+        for size, session in self._sessions.items():
+            session.run(self._outputs, {INPUT_NAME: np.zeros((size, side, side, 3), np.uint8)})
         log.info("warmed up batch sizes %s in %.1f s", list(BUCKETS), time.perf_counter() - start)
 
     def abstained(self, prediction: Prediction) -> np.ndarray | None:

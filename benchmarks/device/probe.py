@@ -1,0 +1,66 @@
+"""CUDA checks for a lent GPU: CUDA vs CPU answers, raw throughput by batch size, and what a change
+of batch size costs one session (run from the repository root; writes ``$OUT/probe.json``).
+
+    HISTO_DEVICE=cuda python benchmarks/device/probe.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from service.images import load_rgb  # noqa: E402
+from service.runtime import Runtime  # noqa: E402
+
+
+def _timed(run, *args) -> float:
+    start = time.perf_counter()
+    run(*args)
+    return time.perf_counter() - start
+
+
+def main() -> dict:
+    tiles = sorted((ROOT / "tests" / "fixtures" / "kather").glob("*/*.webp"))
+    device = os.environ.get("HISTO_DEVICE", "cuda")  # cpu only to try the script without a GPU
+    gpu = Runtime(ROOT / "models" / "default", device=device, pad_batches=False)
+    cpu = Runtime(ROOT / "models" / "default", device="cpu")
+    pixels = np.stack([load_rgb(t.read_bytes(), t.name, gpu.input_size, 8) for t in tiles])
+    on_gpu, on_cpu = gpu.predict(pixels), cpu.predict(pixels)
+    result: dict = {
+        "providers": gpu.providers,
+        "tiles": len(pixels),
+        "max_abs_prob_diff": float(np.abs(on_gpu.probabilities - on_cpu.probabilities).max()),
+        "label_agreement": float((on_gpu.probabilities.argmax(1) == on_cpu.probabilities.argmax(1)).mean()),
+        "max_abs_ood_diff": float(np.abs(on_gpu.ood_scores - on_cpu.ood_scores).max()),
+        "raw_images_per_s": {},
+    }
+    for size in (1, 8, 32, 64, 128, 256):
+        batch = np.resize(pixels, (size, *pixels.shape[1:]))
+        gpu.predict(batch)
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 2.0:
+            gpu.predict(batch)
+            done += size
+        result["raw_images_per_s"][size] = done / (time.perf_counter() - start)
+    # one session that alternates between two batch sizes, against the padded runtime (one session per size)
+    small, large = np.resize(pixels, (8, *pixels.shape[1:])), np.resize(pixels, (16, *pixels.shape[1:]))
+    padded = Runtime(ROOT / "models" / "default", device=device, pad_batches=True)
+    for name, runtime in (("one_session", gpu), ("session_per_size", padded)):
+        runtime.predict(small)
+        runtime.predict(large)
+        result[f"alternating_8_16_s_{name}"] = [_timed(runtime.predict, b) for b in (small, large) * 3]
+    print(json.dumps(result, indent=1), flush=True)
+    Path(os.environ.get("OUT", "."), "probe.json").write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
