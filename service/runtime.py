@@ -203,7 +203,9 @@ class Runtime:
         self.pad_batches = self.providers[0] == "CUDAExecutionProvider" if pad_batches is None else pad_batches
         self._sessions: dict[int, ort.InferenceSession] = {}
         if self.pad_batches:
-            self._sessions = {size: self._new_session(path, options, self.providers) for size in BUCKETS}
+            # the first session takes the smallest size; each other size gets its own
+            self._sessions = {BUCKETS[0]: self.session}
+            self._sessions.update({size: self._new_session(path, options, self.providers) for size in BUCKETS[1:]})
             self._warm_up()
         if self.card.calibration is None or self.card.ood is None or OOD_OUTPUT not in self._outputs:
             log.warning(
