@@ -228,6 +228,8 @@ class Runtime:
             raise ValueError(
                 f"expected uint8 [N, {self.input_size}, {self.input_size}, 3], got {images.dtype} {images.shape}"
             )
+        if not len(images):  # onnxruntime fails on an empty batch with an error about broadcasting
+            raise ValueError("expected at least one image, got an empty batch")
         images = np.ascontiguousarray(images)
         if not self.pad_batches:
             outputs = self.session.run(self._outputs, {INPUT_NAME: images})

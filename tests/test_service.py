@@ -275,3 +275,6 @@ def test_padded_batches_give_each_size_its_own_session_and_the_same_answers(capl
         np.testing.assert_allclose(b.embeddings, a.embeddings, atol=1e-5)
         np.testing.assert_allclose(b.ood_scores, a.ood_scores, atol=1e-5)
     assert seen == [(1, 1), (4, 4), (8, 8), (64, 64), (64, 64), (8, 8)]
+    for runtime in (plain, padded):
+        with pytest.raises(ValueError, match="at least one image"):
+            runtime.predict(pixels[:0])
