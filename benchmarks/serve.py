@@ -39,9 +39,8 @@ ROOT = Path(__file__).resolve().parent.parent
 TILES = sorted((ROOT / "tests" / "fixtures" / "kather").glob("*/*.webp"))
 
 
-def raw_throughput(batch: int, seconds: float, device: str = "cpu") -> tuple[float, float]:
-    """(images/s, CPU core-ms per image) of ``Runtime.predict`` on ``batch`` decoded tiles at a time."""
-    runtime = Runtime(ROOT / "models" / "default", device=device)
+def raw_throughput(runtime: Runtime, batch: int, seconds: float) -> tuple[float, float]:
+    """(images/s, CPU core-ms per image) of ``runtime.predict`` on ``batch`` decoded tiles at a time."""
     pixels = np.stack([load_rgb(t.read_bytes(), t.name, runtime.input_size, 8) for t in (TILES * batch)[:batch]])
     runtime.predict(pixels)  # warm-up
     done, start, cpu = 0, time.perf_counter(), time.process_time()
@@ -135,8 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "serve.json")
     args = p.parse_args(argv)
     runtime = Runtime(ROOT / "models" / "default", device=args.device)
-    provider = runtime.providers[0]
-    del runtime
+    provider, model_name = runtime.providers[0], runtime.card.name
     result = {
         "clients": args.clients,
         "batch": args.batch,
@@ -144,8 +142,9 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_count": os.cpu_count(),
         "provider": provider,
     }
-    result["raw_onnxruntime"], raw_core_ms = raw_throughput(args.batch, args.seconds, args.device)
-    result["raw_onnxruntime_batch1"], _ = raw_throughput(1, args.seconds, args.device)
+    result["raw_onnxruntime"], raw_core_ms = raw_throughput(runtime, args.batch, args.seconds)
+    result["raw_onnxruntime_batch1"], _ = raw_throughput(runtime, 1, args.seconds)
+    del runtime  # its threads and device memory are not the servers' to share
     result["raw_core_ms_per_image"] = raw_core_ms
     for name, env in [
         ("http_batched", {"HISTO_MAX_BATCH_SIZE": str(args.batch), "HISTO_MAX_LATENCY_MS": "10000"}),
@@ -176,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
     spent = result["http_batched_core_ms_per_image"]
     result["cpu_only_http_ceiling"] = raw_core_ms / sum(spent.values())
     lines = [
-        f"images/s, model {Runtime(ROOT / 'models' / 'default', device='cpu').card.name}, {provider}, "
+        f"images/s, model {model_name}, {provider}, "
         f"{args.clients} clients x 1 image/request, {args.seconds:.0f} s each, {os.cpu_count()} CPUs",
         f"  raw onnxruntime (batch {args.batch}) : {result['raw_onnxruntime']:8.1f}",
         f"  HTTP, adaptive batching       : {result['http_batched']:8.1f}",

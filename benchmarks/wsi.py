@@ -254,8 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tiles)",
         f"batch {args.batch}, {args.workers} reader threads, {result['cpus']} CPUs ({result['machine']}), "
         f"model {result['model']} on {first['provider']}; raw = Runtime.predict on the first {args.raw_tiles} "
-        "tiles of the same grid, "
-        "decoded in memory",
+        "tiles of the same grid, decoded in memory",
     ]
     if "job_gaps" in result:
         g = result["job_gaps"]

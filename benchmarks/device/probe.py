@@ -17,6 +17,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.serve import raw_throughput  # noqa: E402
 from service.images import load_rgb  # noqa: E402
 from service.runtime import Runtime  # noqa: E402
 
@@ -43,13 +44,7 @@ def main() -> dict:
         "raw_images_per_s": {},
     }
     for size in (1, 8, 32, 64, 128, 256):
-        batch = np.resize(pixels, (size, *pixels.shape[1:]))
-        gpu.predict(batch)
-        done, start = 0, time.perf_counter()
-        while time.perf_counter() - start < 2.0:
-            gpu.predict(batch)
-            done += size
-        result["raw_images_per_s"][size] = done / (time.perf_counter() - start)
+        result["raw_images_per_s"][size], _ = raw_throughput(gpu, size, 2.0)
     # one session that alternates between two batch sizes, against the padded runtime (one session per size)
     small, large = np.resize(pixels, (8, *pixels.shape[1:])), np.resize(pixels, (16, *pixels.shape[1:]))
     padded = Runtime(ROOT / "models" / "default", device=device, pad_batches=True)
