@@ -14,8 +14,16 @@ on, then asks two questions with the *clean* labels, which no label-free method 
 2. **Does a tile-dependent temperature help?** ``t(x) = exp(a + b·f(x))`` with f one of those tile
    signals, fitted on the clean labels of the cross-slide predictions, against one temperature
    fitted the same way: ECE on the held-out pair.
+3. **Does a richer calibration map help?** A temperature plus a bias per class, and vector scaling
+   (a scale and a bias per class), fitted as the served temperature is (noisy labels through the
+   anchor-point transition) and on clean labels; a temperature that matches the mean confidence to
+   the noise-corrected accuracy; the temperature fitted through the *true* transition (what a
+   perfect noise estimate would give); and fits on the clean test labels themselves. ECE per pair
+   and pooled over the pairs (each tile scored by the model it was held out from).
+4. **Where are the held-out errors?** The most frequent (true class → predicted class) confusions
+   per held-out slide, with their mean confidence.
 
-Writes ``benchmarks/results/calibration_limits.{md,json}``.
+Writes ``benchmarks/results/calibration_limits.{md,json}`` (``--name`` changes the stem).
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from models.card import write_atomic
-from training.calibration import expected_calibration_error, fit_temperature, softmax
+from training.calibration import anchor_transition, expected_calibration_error, fit_temperature, softmax
 from training.data import file_sha256, load_patches, slide_split
 from training.embed import embed_files
 from training.encoders import build_encoder
@@ -91,7 +99,97 @@ def fit_tile_temperature(logp: np.ndarray, f: np.ndarray, y: np.ndarray) -> np.n
     return w.detach().numpy()
 
 
-def run(x, y, slides, pair: list[str], noise: str, seed: int, n: int) -> tuple[list[dict], dict]:
+def fit_scaling(
+    logp: np.ndarray, given: np.ndarray, transition: np.ndarray | None, per_class_scale: bool, l2: float = 1e-3
+) -> tuple[np.ndarray, np.ndarray]:
+    """(log scale, bias) minimising the NLL of the given labels under ``softmax(z·exp(-s) + b) @ T``.
+
+    One scale (temperature plus a bias per class) or one per class (vector scaling). ``T=None``:
+    the labels are taken as clean. A small L2 on the biases keeps classes absent from the fit at 0.
+    """
+    n = logp.shape[1]
+    z, yt = torch.from_numpy(logp).double(), torch.from_numpy(given).long()
+    t_mat = torch.from_numpy(np.eye(n) if transition is None else transition).double()
+    s = torch.zeros(n if per_class_scale else 1, dtype=torch.double, requires_grad=True)
+    b = torch.zeros(n, dtype=torch.double, requires_grad=True)
+    opt = torch.optim.LBFGS([s, b], max_iter=300, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        p = torch.softmax(z * torch.exp(-s) + b, 1) @ t_mat
+        loss = -torch.log(p.gather(1, yt[:, None]).clamp_min(1e-12)).mean() + l2 * (b**2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return s.detach().numpy(), b.detach().numpy()
+
+
+def scaled(logp: np.ndarray, params: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    return softmax(logp * np.exp(-params[0]) + params[1])
+
+
+def accuracy_matching_temperature(logp: np.ndarray, given: np.ndarray, transition: np.ndarray) -> float:
+    """Temperature at which the mean confidence equals the accuracy estimated from noisy labels.
+
+    A prediction ŷ agrees with its noisy label with probability ``c·T[ŷ,ŷ] + (1-c)·o``, where c is
+    the chance ŷ is right and o the chance a wrong truth gets relabelled ŷ (the remaining predicted
+    mass pushed through T); solving for c per tile gives an unbiased estimate of the clean accuracy.
+    """
+    grid = np.exp(np.linspace(np.log(0.3), np.log(8.0), 400))
+    gaps = []
+    for t in grid:
+        p = softmax(logp, t)
+        pred, conf = p.argmax(1), p.max(1)
+        rest = p.copy()
+        rest[np.arange(len(p)), pred] = 0
+        rest /= np.maximum(rest.sum(1, keepdims=True), 1e-12)
+        o, d = (rest * transition[:, pred].T).sum(1), transition[pred, pred]
+        gaps.append(abs(conf.mean() - np.mean(((given == pred) - o) / (d - o))))
+    return float(grid[int(np.argmin(gaps))])
+
+
+def true_transition(clean: np.ndarray, given: np.ndarray, n: int, fallback: np.ndarray) -> np.ndarray:
+    """``T[i, j]`` counted from the clean and given labels (rows without tiles: ``fallback``'s)."""
+    counts = np.zeros((n, n))
+    np.add.at(counts, (clean, given), 1.0)
+    rows = counts.sum(1, keepdims=True)
+    return np.where(rows > 0, counts / np.maximum(rows, 1), fallback)
+
+
+MAPS = {  # key → what the row says (section 3)
+    "served": "temperature, noisy labels through the anchor transition (**as served**)",
+    "bias_noisy": "temperature + class bias, noisy labels through the anchor transition",
+    "vector_noisy": "vector scaling, noisy labels through the anchor transition",
+    "matching": "temperature matching mean confidence to the noise-corrected accuracy",
+    "true_transition": "*reference:* temperature, noisy labels through the true transition",
+    "clean": "*reference:* temperature, clean labels",
+    "bias_clean": "*reference:* temperature + class bias, clean labels",
+    "vector_clean": "*reference:* vector scaling, clean labels",
+    "oracle": "*reference:* temperature on the clean test labels",
+    "bias_oracle": "*reference:* temperature + class bias on the clean test labels",
+}
+
+
+def calibration_maps(cross_logp, noisy, clean, transition, test_logp, y_test) -> dict[str, np.ndarray]:
+    """Held-out probabilities under each map of :data:`MAPS` (fitted on the cross-slide predictions)."""
+    n = cross_logp.shape[1]
+    true_t = true_transition(clean, noisy, n, transition)
+    return {
+        "served": softmax(test_logp, fit_temperature(cross_logp, noisy, transition)),
+        "bias_noisy": scaled(test_logp, fit_scaling(cross_logp, noisy, transition, False)),
+        "vector_noisy": scaled(test_logp, fit_scaling(cross_logp, noisy, transition, True)),
+        "matching": softmax(test_logp, accuracy_matching_temperature(cross_logp, noisy, transition)),
+        "true_transition": softmax(test_logp, fit_temperature(cross_logp, noisy, true_t)),
+        "clean": softmax(test_logp, fit_temperature(cross_logp, clean)),
+        "bias_clean": scaled(test_logp, fit_scaling(cross_logp, clean, None, False)),
+        "vector_clean": scaled(test_logp, fit_scaling(cross_logp, clean, None, True)),
+        "oracle": softmax(test_logp, fit_temperature(test_logp, y_test)),
+        "bias_oracle": scaled(test_logp, fit_scaling(test_logp, y_test, None, False)),
+    }
+
+
+def run(x, y, slides, pair: list[str], noise: str, seed: int, n: int) -> tuple[list[dict], dict, dict]:
     held = np.isin(slides, pair)
     lab = np.flatnonzero(~held)
     x_lab, y_lab, s_lab = x[lab], y[lab], slides[lab]
@@ -99,7 +197,8 @@ def run(x, y, slides, pair: list[str], noise: str, seed: int, n: int) -> tuple[l
     train_idx, val_idx = slide_split(list(s_lab), noisy, 0.2, seed)
     config = TrainConfig(seed=seed)
     served = fit_head(x_lab[train_idx], noisy[train_idx], s_lab[train_idx], x_lab[val_idx], noisy[val_idx], n, config)
-    cleaned = knn_votes(x_lab, noisy, n, config.knn_k).argmax(1)
+    votes = knn_votes(x_lab, noisy, n, config.knn_k)
+    cleaned, transition = votes.argmax(1), anchor_transition(votes, noisy, n)
     slide_rows, parts = [], []
     for out, model in cross_slide_fits(x_lab, noisy, s_lab, n, config, cleaned):
         signals = tile_signals(model, x_lab[~out], cleaned[~out], x_lab[out])
@@ -110,9 +209,9 @@ def run(x, y, slides, pair: list[str], noise: str, seed: int, n: int) -> tuple[l
                 {"slide": str(slide), "n": int(m.sum()), "accuracy": float(correct[m].mean())}
                 | {k: float(np.mean(feature(signals, k)[m])) for k in SIGNALS}
             )
-        parts.append((signals, y_lab[out]))
+        parts.append((signals, y_lab[out], noisy[out]))
     cross = {k: np.concatenate([p[0][k] for p in parts]) for k in ("logp", *SIGNALS)}
-    y_cross = np.concatenate([p[1] for p in parts])
+    y_cross, noisy_cross = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
     test = tile_signals(served.model, x_lab[train_idx], served.train_labels, x[held])
     t = fit_temperature(cross["logp"], y_cross)
     ece = {"one temperature": expected_calibration_error(softmax(test["logp"], t), y[held])}
@@ -122,7 +221,58 @@ def run(x, y, slides, pair: list[str], noise: str, seed: int, n: int) -> tuple[l
         a, b = fit_tile_temperature(cross["logp"], (f_cross - mu) / sd, y_cross)
         temps = np.exp(a + b * (f_test - mu) / sd)
         ece[f"temperature by {name}"] = expected_calibration_error(softmax(test["logp"] / temps[:, None]), y[held])
-    return slide_rows, ece
+    maps = calibration_maps(cross["logp"], noisy_cross, y_cross, transition, test["logp"], y[held])
+    return slide_rows, ece, {"probs": maps, "y": y[held], "slides": slides[held]}
+
+
+def confusions(held: list[dict], classes: list[str], top: int = 2) -> list[dict]:
+    """Per held-out slide, the ``top`` most frequent wrong (true → predicted) pairs as served, over seeds."""
+    rows = []
+    for slide in sorted({str(s) for h in held for s in h["slides"]}):
+        counts: dict[tuple[int, int], list[float]] = {}
+        n_true = np.zeros(len(classes))
+        for h in held:
+            m = h["slides"] == slide
+            p = h["probs"]["served"][m]
+            n_true += np.bincount(h["y"][m], minlength=len(classes))
+            for t, q, c in zip(h["y"][m], p.argmax(1), p.max(1), strict=True):
+                if t != q:
+                    counts.setdefault((int(t), int(q)), []).append(float(c))
+        for (t, q), confs in sorted(counts.items(), key=lambda kv: -len(kv[1]))[:top]:
+            rows.append(
+                {
+                    "slide": slide,
+                    "true": classes[t],
+                    "predicted": classes[q],
+                    "share_of_true_class": len(confs) / n_true[t],
+                    "mean_confidence": float(np.mean(confs)),
+                }
+            )
+    return rows
+
+
+def map_summary(held: list[dict]) -> dict:
+    """Per map: ECE per pair (mean over seeds) and pooled over the pairs per seed."""
+    pairs, seeds = list(dict.fromkeys(h["pair"] for h in held)), sorted({h["seed"] for h in held})
+    out = {}
+    for key in MAPS:
+        pooled = []
+        for seed in seeds:
+            hs = [h for h in held if h["seed"] == seed]
+            pooled.append(
+                expected_calibration_error(
+                    np.concatenate([h["probs"][key] for h in hs]), np.concatenate([h["y"] for h in hs])
+                )
+            )
+        per_pair = {
+            pr: [expected_calibration_error(h["probs"][key], h["y"]) for h in held if h["pair"] == pr] for pr in pairs
+        }
+        out[key] = {
+            "per_pair": {pr: float(np.mean(v)) for pr, v in per_pair.items()},
+            "pooled_per_seed": pooled,
+            "pooled": float(np.mean(pooled)),
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -132,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--noise", default="uniform:0.4")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default="calibration_limits", help="stem of the result files")
     args = p.parse_args(argv)
     patches = load_patches(args.data, check_images=False)
     encoder = build_encoder("efficientnet_lite0_ms", None)
@@ -140,13 +291,14 @@ def main(argv: list[str] | None = None) -> dict:
     y = np.array([classes.index(label) for label in patches.labels])
     slides = np.array(patches.slides)
     pairs = [h.split(",") for h in args.holdout_slides.split(";") if h]
-    slide_rows, ece_rows = [], []
+    slide_rows, ece_rows, held = [], [], []
     for pair in pairs:
         for seed in range(args.seeds):
-            rows, ece = run(x, y, slides, pair, args.noise, seed, len(classes))
+            rows, ece, test = run(x, y, slides, pair, args.noise, seed, len(classes))
             short = "/".join(s.rsplit("-", 1)[-1] for s in pair)
             slide_rows += [r | {"pair": short, "seed": seed} for r in rows]
             ece_rows.append({"pair": short, "seed": seed} | ece)
+            held.append(test | {"pair": short, "seed": seed})
             print(short, seed, " ".join(f"{k}={v:.3f}" for k, v in ece.items()), flush=True)
     acc = np.array([r["accuracy"] for r in slide_rows])
     correlations = {k: float(np.corrcoef(acc, [r[k] for r in slide_rows])[0, 1]) for k in SIGNALS}
@@ -166,6 +318,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ece_per_pair": per_pair,
         "ece_mean": {m: float(np.mean([r[m] for r in ece_rows])) for m in methods},
         "runs": ece_rows,
+        "maps": map_summary(held),
+        "confusions": confusions(held, classes),
     }
     names = {
         "confidence": "mean confidence",
@@ -210,9 +364,37 @@ def main(argv: list[str] | None = None) -> dict:
             for m in methods
         ],
     ]
+    maps = result["maps"]
+    lines += [
+        "",
+        "## ECE of richer calibration maps, fitted on the cross-slide predictions",
+        "",
+        "Per pair: mean over seeds. Pooled: every pair's held-out tiles together, each scored by the model it "
+        "was held out from (one ECE per seed; mean, then the range).",
+        "",
+        "| calibration map | " + " | ".join(pair_names) + " | pooled |",
+        "|---|" + "---|" * (len(pair_names) + 1),
+        *[
+            f"| {MAPS[k]} | "
+            + " | ".join(f"{maps[k]['per_pair'][pr]:.3f}" for pr in pair_names)
+            + f" | **{maps[k]['pooled']:.3f}** ({min(maps[k]['pooled_per_seed']):.3f}-"
+            f"{max(maps[k]['pooled_per_seed']):.3f}) |"
+            for k in MAPS
+        ],
+        "",
+        "## Where the held-out errors are (served temperature, all seeds)",
+        "",
+        "| held-out slide | true class | predicted as | share of the class's tiles | mean confidence |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {c['slide']} | {c['true']} | {c['predicted']} | {c['share_of_true_class']:.0%} "
+            f"| {c['mean_confidence']:.2f} |"
+            for c in result["confusions"]
+        ],
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
-    write_atomic(args.out / "calibration_limits.json", json.dumps(result, indent=1) + "\n")
-    write_atomic(args.out / "calibration_limits.md", "\n".join(lines) + "\n")
+    write_atomic(args.out / f"{args.name}.json", json.dumps(result, indent=1) + "\n")
+    write_atomic(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return result
 

@@ -122,4 +122,23 @@ def test_calibration_limits_on_a_tiny_subset(tmp_path, monkeypatch):
         "temperature by similarity",
     }
     assert all(0 <= v <= 1 for v in result["ece_mean"].values())
-    assert (tmp_path / "calibration_limits.md").is_file()
+    maps = result["maps"]
+    assert set(maps) == {
+        "served",
+        "bias_noisy",
+        "vector_noisy",
+        "matching",
+        "true_transition",
+        "clean",
+        "bias_clean",
+        "vector_clean",
+        "oracle",
+        "bias_oracle",
+    }
+    for row in maps.values():  # one pair, one seed: pooling changes nothing
+        assert row["pooled"] == pytest.approx(row["per_pair"]["01/07"], abs=1e-9) and 0 <= row["pooled"] <= 1
+    # the clean-label temperature here is the same fit as section 2's "one temperature"
+    assert maps["clean"]["pooled"] == pytest.approx(result["ece_mean"]["one temperature"], abs=1e-9)
+    assert {c["slide"] for c in result["confusions"]} <= {"CRC-Prim-HE-01", "CRC-Prim-HE-07"}
+    assert all(c["true"] != c["predicted"] and 0 < c["share_of_true_class"] <= 1 for c in result["confusions"])
+    assert "vector scaling" in (tmp_path / "calibration_limits.md").read_text()
