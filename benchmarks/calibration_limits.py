@@ -18,7 +18,9 @@ on, then asks two questions with the *clean* labels, which no label-free method 
    (a scale and a bias per class), fitted as the served temperature is (noisy labels through the
    anchor-point transition) and on clean labels; a temperature that matches the mean confidence to
    the noise-corrected accuracy; the temperature fitted through the *true* transition (what a
-   perfect noise estimate would give); and fits on the clean test labels themselves. ECE per pair
+   perfect noise estimate would give); and fits on the clean test labels themselves. And one map
+   that a slide job could fit on each slide's own tiles: the class priors re-estimated per held-out
+   slide by EM (Saerens et al. 2002), on top of the served temperature. ECE and accuracy per pair
    and pooled over the pairs (each tile scored by the model it was held out from).
 4. **Where are the held-out errors?** The most frequent (true class → predicted class) confusions
    per held-out slide, with their mean confidence.
@@ -157,8 +159,22 @@ def true_transition(clean: np.ndarray, given: np.ndarray, n: int, fallback: np.n
     return np.where(rows > 0, counts / np.maximum(rows, 1), fallback)
 
 
+def adapt_priors(probs: np.ndarray, prior: np.ndarray, iterations: int = 200) -> np.ndarray:
+    """Posteriors re-weighted to the class priors of these tiles, estimated by EM (Saerens et al. 2002)."""
+    estimate = prior.copy()
+    for _ in range(iterations):
+        adapted = probs * (estimate / prior)
+        adapted /= adapted.sum(1, keepdims=True)
+        new = adapted.mean(0)
+        if np.abs(new - estimate).max() < 1e-7:
+            break
+        estimate = new
+    return adapted
+
+
 MAPS = {  # key → what the row says (section 3)
     "served": "temperature, noisy labels through the anchor transition (**as served**)",
+    "slide_priors": "served temperature, then each held-out slide's class priors re-estimated by EM",
     "bias_noisy": "temperature + class bias, noisy labels through the anchor transition",
     "vector_noisy": "vector scaling, noisy labels through the anchor transition",
     "matching": "temperature matching mean confidence to the noise-corrected accuracy",
@@ -171,12 +187,20 @@ MAPS = {  # key → what the row says (section 3)
 }
 
 
-def calibration_maps(cross_logp, noisy, clean, transition, test_logp, y_test) -> dict[str, np.ndarray]:
+def calibration_maps(cross_logp, noisy, clean, transition, test_logp, y_test, test_slides) -> dict[str, np.ndarray]:
     """Held-out probabilities under each map of :data:`MAPS` (fitted on the cross-slide predictions)."""
     n = cross_logp.shape[1]
     true_t = true_transition(clean, noisy, n, transition)
+    temperature = fit_temperature(cross_logp, noisy, transition)
+    served = softmax(test_logp, temperature)
+    by_slide = served.copy()
+    prior = softmax(cross_logp, temperature).mean(0)  # what the model predicts on slides it never saw
+    for slide in np.unique(test_slides):
+        m = test_slides == slide
+        by_slide[m] = adapt_priors(served[m], prior)
     return {
-        "served": softmax(test_logp, fit_temperature(cross_logp, noisy, transition)),
+        "served": served,
+        "slide_priors": by_slide,
         "bias_noisy": scaled(test_logp, fit_scaling(cross_logp, noisy, transition, False)),
         "vector_noisy": scaled(test_logp, fit_scaling(cross_logp, noisy, transition, True)),
         "matching": softmax(test_logp, accuracy_matching_temperature(cross_logp, noisy, transition)),
@@ -221,7 +245,7 @@ def run(x, y, slides, pair: list[str], noise: str, seed: int, n: int) -> tuple[l
         a, b = fit_tile_temperature(cross["logp"], (f_cross - mu) / sd, y_cross)
         temps = np.exp(a + b * (f_test - mu) / sd)
         ece[f"temperature by {name}"] = expected_calibration_error(softmax(test["logp"] / temps[:, None]), y[held])
-    maps = calibration_maps(cross["logp"], noisy_cross, y_cross, transition, test["logp"], y[held])
+    maps = calibration_maps(cross["logp"], noisy_cross, y_cross, transition, test["logp"], y[held], slides[held])
     return slide_rows, ece, {"probs": maps, "y": y[held], "slides": slides[held]}
 
 
@@ -268,6 +292,7 @@ def map_summary(held: list[dict]) -> dict:
             pr: [expected_calibration_error(h["probs"][key], h["y"]) for h in held if h["pair"] == pr] for pr in pairs
         }
         out[key] = {
+            "accuracy": float(np.mean([(h["probs"][key].argmax(1) == h["y"]).mean() for h in held])),
             "per_pair": {pr: float(np.mean(v)) for pr, v in per_pair.items()},
             "pooled_per_seed": pooled,
             "pooled": float(np.mean(pooled)),
@@ -372,10 +397,10 @@ def main(argv: list[str] | None = None) -> dict:
         "Per pair: mean over seeds. Pooled: every pair's held-out tiles together, each scored by the model it "
         "was held out from (one ECE per seed; mean, then the range).",
         "",
-        "| calibration map | " + " | ".join(pair_names) + " | pooled |",
-        "|---|" + "---|" * (len(pair_names) + 1),
+        "| calibration map | held-out accuracy | " + " | ".join(pair_names) + " | pooled |",
+        "|---|---|" + "---|" * (len(pair_names) + 1),
         *[
-            f"| {MAPS[k]} | "
+            f"| {MAPS[k]} | {maps[k]['accuracy']:.1%} | "
             + " | ".join(f"{maps[k]['per_pair'][pr]:.3f}" for pr in pair_names)
             + f" | **{maps[k]['pooled']:.3f}** ({min(maps[k]['pooled_per_seed']):.3f}-"
             f"{max(maps[k]['pooled_per_seed']):.3f}) |"

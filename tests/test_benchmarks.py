@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -125,6 +126,7 @@ def test_calibration_limits_on_a_tiny_subset(tmp_path, monkeypatch):
     maps = result["maps"]
     assert set(maps) == {
         "served",
+        "slide_priors",
         "bias_noisy",
         "vector_noisy",
         "matching",
@@ -135,6 +137,8 @@ def test_calibration_limits_on_a_tiny_subset(tmp_path, monkeypatch):
         "oracle",
         "bias_oracle",
     }
+    # a temperature keeps every argmax; re-weighting each slide's priors may move some
+    assert maps["clean"]["accuracy"] == maps["served"]["accuracy"] == maps["oracle"]["accuracy"]
     for row in maps.values():  # one pair, one seed: pooling changes nothing
         assert row["pooled"] == pytest.approx(row["per_pair"]["01/07"], abs=1e-9) and 0 <= row["pooled"] <= 1
     # the clean-label temperature here is the same fit as section 2's "one temperature"
@@ -142,3 +146,17 @@ def test_calibration_limits_on_a_tiny_subset(tmp_path, monkeypatch):
     assert {c["slide"] for c in result["confusions"]} <= {"CRC-Prim-HE-01", "CRC-Prim-HE-07"}
     assert all(c["true"] != c["predicted"] and 0 < c["share_of_true_class"] <= 1 for c in result["confusions"])
     assert "vector scaling" in (tmp_path / "calibration_limits.md").read_text()
+
+
+def test_slide_prior_adaptation_recovers_a_shifted_class_mix():
+    """EM re-weighting (Saerens et al. 2002): posteriors calibrated under a 50/50 prior, tiles drawn 80/20."""
+    adapt_priors = _load("calibration_limits").adapt_priors
+    rng = np.random.default_rng(0)
+    y = (rng.random(20000) < 0.2).astype(int)  # 80 % class 0
+    score = rng.normal(np.where(y == 1, 1.0, -1.0), 1.0)  # one Gaussian per class, unit variance
+    p1 = 1 / (1 + np.exp(-2 * score))  # the exact posterior under equal priors
+    probs = np.c_[1 - p1, p1]
+    adapted = adapt_priors(probs, np.array([0.5, 0.5]))
+    assert adapted.mean(0) == pytest.approx([0.8, 0.2], abs=0.01)
+    assert np.allclose(adapted.sum(1), 1)
+    assert (adapted.argmax(1) == y).mean() > (probs.argmax(1) == y).mean()  # the right prior helps here
