@@ -9,7 +9,9 @@ model through ``service.runtime.Runtime`` (onnxruntime, as in production) on the
 expected calibration error (ECE) of the served probabilities and of the other calibrations the run
 reports, selective accuracy and coverage at the stored abstention threshold, and OOD AUROC between
 held-out H&E tiles and non-H&E images (scikit-image's IHC image and natural photographs, blurred and
-pen-marked H&E tiles generated here).
+pen-marked H&E tiles generated here). And which classes do not transfer: the held-out slides' confusions
+(a class mostly predicted as another), against the ones ``training/train.py`` warned about from its
+cross-slide predictions without clean labels (``training/slide_shift.py``).
 
 ECE is given per pair and pooled over the pairs (every slide held out once, about 3,000 tiles per
 seed). References beside it: the ECE of the temperature fitted on the *clean* labels of the same
@@ -38,6 +40,7 @@ from training import train
 from training.calibration import ece_floor, expected_calibration_error, fit_temperature, reliability_diagram, softmax
 from training.data import load_patches
 from training.metrics import auroc
+from training.slide_shift import slide_disagreements
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NATURAL = [
@@ -159,6 +162,11 @@ def measure(args: argparse.Namespace, holdout: str, seed: int, model_dir: Path) 
         "_arrays": (z, y),
     }
     result["ece"]["served"] = expected_calibration_error(probs, y)  # the served probabilities themselves
+    # classes that shift on the held-out slides (clean labels) vs those train.py warned about (none)
+    held_slides = np.array([patches.slides[i] for i in idx])
+    result["held_out_shifts"] = slide_disagreements(probs.argmax(1), y, held_slides, card.classes)
+    warned = (conf.get("cross_slide") or {}).get("disagreements", [])
+    result["warned"] = [list(pair) for pair in sorted({(r["label"], r["predicted"]) for r in warned})]
     all_ood = []
     for name, images in ood_sets(tiles, seed).items():
         scores = np.concatenate(
@@ -197,6 +205,24 @@ def pooled_ece(runs: list[dict], key: str) -> float | None:
         return None
     probs = np.concatenate([softmax(r["_arrays"][0], r["temperatures"][key]) for r in runs])
     return expected_calibration_error(probs, np.concatenate([r["_arrays"][1] for r in runs]))
+
+
+def shift_summary(runs: list[dict]) -> list[dict]:
+    """Held-out confusions (slide, class → predicted) over runs, and in how many the training warned of them."""
+    rows: dict[tuple, dict] = {}
+    for run in runs:
+        warned = {tuple(w) for w in run["warned"]}
+        for shift in run["held_out_shifts"]:
+            key = (shift["slide"], shift["label"], shift["predicted"])
+            row = rows.setdefault(key, {"shares": [], "warned_in": 0})
+            row["shares"].append(shift["share"])
+            row["warned_in"] += (shift["label"], shift["predicted"]) in warned
+    out = [
+        {"slide": k[0], "label": k[1], "predicted": k[2], "share": float(np.mean(v["shares"]))}
+        | {"runs": len(v["shares"]), "warned_in": v["warned_in"]}
+        for k, v in rows.items()
+    ]
+    return sorted(out, key=lambda r: (-r["runs"], -r["share"]))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -246,9 +272,11 @@ def main(argv: list[str] | None = None) -> dict:
         "pooled_per_seed": pooled_floor,
         "pooled": mean(pooled_floor),
     }
+    shifts = shift_summary(runs)
     result = {
         "data": args.data,
         "holdout_slides": pairs,
+        "shifts": shifts,
         "noise": args.noise,
         "seeds": args.seeds,
         "ece_summary": summary,
@@ -315,6 +343,30 @@ def main(argv: list[str] | None = None) -> dict:
         auc = np.mean([r["ood"][name]["auroc"] for r in runs])
         flagged = np.mean([r["ood"][name]["flagged"] for r in runs])
         lines.append(f"| {name} | {runs[0]['ood'][name]['n']} | {auc:.3f} | {100 * flagged:.1f} % |")
+    named = sum(r["warned_in"] for r in shifts)
+    warnings = [  # per warning: did the held-out slides of its run show it?
+        tuple(w) in {(h["label"], h["predicted"]) for h in r["held_out_shifts"]} for r in runs for w in r["warned"]
+    ]
+    lines += [
+        "",
+        "## Classes that do not transfer: warned at training time, seen on the held-out slides",
+        "",
+        "A row: a held-out slide on which one class (clean labels) is mostly predicted as another (share >= 30 % "
+        "of at least 20 tiles), in how many runs, and in how many of them `training/train.py` had warned about "
+        "that confusion from its cross-slide predictions (kNN-cleaned labels, no clean label used).",
+        "",
+        f"{named} of {sum(r['runs'] for r in shifts)} held-out confusions were warned about in advance. "
+        f"The training runs warned about {len(warnings)} confusions ({len(warnings) / len(runs):.1f} per run), "
+        "each seen on at least one training slide; "
+        f"{sum(warnings)} of them also showed on the held-out slides of their run.",
+        "",
+        "| held-out slide | class | predicted as | share (mean over runs) | runs | warned in |",
+        "|---|---|---|---|---|---|",
+        *[
+            f"| {r['slide']} | {r['label']} | {r['predicted']} | {r['share']:.0%} | {r['runs']} | {r['warned_in']} |"
+            for r in shifts
+        ],
+    ]
     seed0 = by_seed[0]
     y0 = np.concatenate([r["_arrays"][1] for r in seed0])
     pictures = {}

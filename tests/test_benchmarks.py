@@ -106,6 +106,9 @@ def test_confidence_benchmark_on_a_tiny_subset(tmp_path, monkeypatch):
     assert served["pooled"] == pytest.approx(run["ece"]["served"], abs=1e-6)  # one pair: pooling changes nothing
     assert 0 <= run["ece"]["served"] <= 1 and run["temperatures"]["oracle"] > 0
     assert set(run["ood"]) == {"ihc", "natural photographs", "blurred H&E", "pen-marked H&E", "all non-H&E"}
+    assert all(isinstance(pair, list) and len(pair) == 2 for pair in run["warned"])
+    assert sum(r["runs"] for r in result["shifts"]) == len(run["held_out_shifts"])
+    assert "## Classes that do not transfer" in (tmp_path / "confidence.md").read_text()
     assert json.loads((tmp_path / "confidence.json").read_text())["seeds"] == 1
     assert "| **as served**" in (tmp_path / "confidence.md").read_text()
     assert (tmp_path / "confidence.png").stat().st_size > 0

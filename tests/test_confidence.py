@@ -23,6 +23,7 @@ from training.calibration import (
 from training.noise import uniform_noise
 from training.ood import MahalanobisScore
 from training.robust import TrainConfig, cross_slide_logits, fit_head, knn_votes, train_head
+from training.slide_shift import describe, slide_disagreements
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -161,3 +162,25 @@ def test_cross_slide_predictions_with_three_slides_use_single_heads_with_a_valid
     assert sorted(idx.tolist()) == list(range(three.sum()))  # every slide predicted once, by a head without it
     assert np.allclose(np.exp(logits).sum(1), 1, atol=1e-5)
     assert cross_slide_logits(x[three][:0], noisy[:0], slides[three][:0], 8, TrainConfig()) is None
+
+
+def test_slide_disagreements_name_the_classes_that_another_slide_turns_into_another_class():
+    a = ["A"] * 40
+    b = ["B"] * 45
+    slides = np.array(a + b)
+    # slide A: 30 tiles of class 0, 24 of them predicted 1; 10 of class 2, too few to count
+    # slide B: 25 of class 1 with 5 predicted 0 (20 %: not a shift); 20 of class 0, 8 predicted 2
+    reference = np.array([0] * 30 + [2] * 10 + [1] * 25 + [0] * 20)
+    predicted = np.array([1] * 24 + [0] * 6 + [1] * 10 + [0] * 5 + [1] * 20 + [2] * 8 + [1] * 6 + [0] * 6)
+    rows = slide_disagreements(predicted, reference, slides, ["c0", "c1", "c2"])
+    assert rows == [
+        {"slide": "A", "label": "c0", "predicted": "c1", "share": 0.8, "n": 30},
+        {"slide": "B", "label": "c0", "predicted": "c2", "share": 0.4, "n": 20},
+    ]
+    assert describe(rows[0]) == (
+        "slide A: 80% of its 30 tiles labelled c0 (kNN-cleaned) are predicted c1 by heads that never saw that slide"
+    )
+    small = slide_disagreements(predicted, reference, slides, ["c0", "c1", "c2"], min_tiles=5)
+    expected = [("A", "c2", 1.0), ("A", "c0", 0.8), ("B", "c0", 0.4)]
+    assert [(r["slide"], r["label"], r["share"]) for r in small] == expected
+    assert slide_disagreements(predicted, predicted, slides, ["c0", "c1", "c2"]) == []  # predictions agree

@@ -57,6 +57,8 @@ from training.metrics import auroc, classification_report, plot_confusion
 from training.noise import inject, parse_noise
 from training.ood import MahalanobisScore
 from training.robust import ENSEMBLES, LOSSES, METHODS, TrainConfig, cross_slide_logits, fit_head, knn_votes
+from training.slide_shift import describe as describe_shift
+from training.slide_shift import slide_disagreements
 from training.suspects import contact_sheet, suspect_scores, write_suspects
 
 log = logging.getLogger("histo_robust.train")
@@ -421,6 +423,12 @@ def _fit_confidence(
         cross_idx, cross_logits = cross
         temperature = fit_temperature(cross_logits, y_noisy[cross_idx], transition)
         info["cross_slide"] = {"n": len(cross_idx), "temperature": temperature}
+        # classes that look different on a slide the heads never saw: no temperature fixes those
+        cross_slides = np.asarray(slides)[cross_idx]
+        shifted = slide_disagreements(cross_logits.argmax(1), cleaned[cross_idx], cross_slides, classes)
+        info["cross_slide"]["disagreements"] = shifted
+        for row in shifted[:5]:
+            print(f"warning: {describe_shift(row)}; expect this confusion on new slides", file=sys.stderr)
         if y_original is not None:  # experiments: what the clean labels of the same predictions ask for
             info["cross_slide"]["temperature_vs_original_labels"] = fit_temperature(cross_logits, y_original[cross_idx])
         fit_logits, fit_labels = cross_logits, cleaned[cross_idx]
