@@ -10,7 +10,8 @@ one class are predicted as another, new slides will see the same confusion.
 The tiles are grouped by their **kNN-cleaned** labels, not the given ones. With 40 % noise, a slide
 with no adipose tissue still has dozens of tiles *labelled* adipose, all of them noise, and the
 heads rightly call them something else; the neighbours' vote mostly follows the slide's own tissue
-(75-100 % of a cleaned group were truly that class in ``benchmarks/confidence.py``'s runs).
+(on Kather with 40 % noise, 75-100 % of the tiles in the groups flagged most often were truly of
+their cleaned class).
 """
 
 from __future__ import annotations
