@@ -237,15 +237,14 @@ def run(x, y, slides, pair: list[str], noise: str, seed: int, n: int) -> tuple[l
     cross = {k: np.concatenate([p[0][k] for p in parts]) for k in ("logp", *SIGNALS)}
     y_cross, noisy_cross = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
     test = tile_signals(served.model, x_lab[train_idx], served.train_labels, x[held])
-    t = fit_temperature(cross["logp"], y_cross)
-    ece = {"one temperature": expected_calibration_error(softmax(test["logp"], t), y[held])}
+    maps = calibration_maps(cross["logp"], noisy_cross, y_cross, transition, test["logp"], y[held], slides[held])
+    ece = {"one temperature": expected_calibration_error(maps["clean"], y[held])}  # fitted on clean labels
     for name in SIGNALS:
         f_cross, f_test = feature(cross, name), feature(test, name)
         mu, sd = f_cross.mean(), f_cross.std() + 1e-9
         a, b = fit_tile_temperature(cross["logp"], (f_cross - mu) / sd, y_cross)
         temps = np.exp(a + b * (f_test - mu) / sd)
         ece[f"temperature by {name}"] = expected_calibration_error(softmax(test["logp"] / temps[:, None]), y[held])
-    maps = calibration_maps(cross["logp"], noisy_cross, y_cross, transition, test["logp"], y[held], slides[held])
     return slide_rows, ece, {"probs": maps, "y": y[held], "slides": slides[held]}
 
 
