@@ -16,9 +16,12 @@ on, then asks two questions with the *clean* labels, which no label-free method 
    fitted the same way: ECE on the held-out pair.
 3. **Does a richer calibration map help?** A temperature plus a bias per class, and vector scaling
    (a scale and a bias per class), fitted as the served temperature is (noisy labels through the
-   anchor-point transition) and on clean labels; a temperature that matches the mean confidence to
-   the noise-corrected accuracy; the temperature fitted through the *true* transition (what a
-   perfect noise estimate would give); and fits on the clean test labels themselves. And one map
+   anchor-point transition) and on clean labels. Other label-free objectives for the one
+   temperature: matching the mean confidence to the noise-corrected accuracy, or minimising the
+   ECE against it; the backward-corrected NLL (Patrini et al. 2017), unbiased for the clean-label
+   NLL; the kNN vote shares as soft labels. The temperature fitted through the *true* transition,
+   forward and backward (what a perfect noise estimate would give); and fits on the clean test
+   labels themselves. And one map
    that a slide job could fit on each slide's own tiles: the class priors re-estimated per held-out
    slide by EM (Saerens et al. 2002), on top of the served temperature. ECE and accuracy per pair
    and pooled over the pairs (each tile scored by the model it was held out from).
@@ -42,7 +45,14 @@ import torch
 import torch.nn.functional as F
 
 from models.card import write_atomic
-from training.calibration import anchor_transition, expected_calibration_error, fit_temperature, softmax
+from training.calibration import (
+    anchor_transition,
+    binned_ece,
+    expected_calibration_error,
+    fit_temperature,
+    minimise_temperature,
+    softmax,
+)
 from training.data import file_sha256, load_patches, slide_split
 from training.embed import embed_files
 from training.encoders import build_encoder
@@ -131,24 +141,66 @@ def scaled(logp: np.ndarray, params: tuple[np.ndarray, np.ndarray]) -> np.ndarra
     return softmax(logp * np.exp(-params[0]) + params[1])
 
 
-def accuracy_matching_temperature(logp: np.ndarray, given: np.ndarray, transition: np.ndarray) -> float:
-    """Temperature at which the mean confidence equals the accuracy estimated from noisy labels.
+def corrected_accuracy(probs: np.ndarray, given: np.ndarray, transition: np.ndarray) -> np.ndarray:
+    """Per tile, an unbiased estimate from its noisy label of whether the prediction is right.
 
     A prediction ŷ agrees with its noisy label with probability ``c·T[ŷ,ŷ] + (1-c)·o``, where c is
     the chance ŷ is right and o the chance a wrong truth gets relabelled ŷ (the remaining predicted
-    mass pushed through T); solving for c per tile gives an unbiased estimate of the clean accuracy.
+    mass pushed through T); solving for c gives the estimate (not confined to [0, 1]).
     """
-    grid = np.exp(np.linspace(np.log(0.3), np.log(8.0), 400))
-    gaps = []
-    for t in grid:
+    pred = probs.argmax(1)
+    rest = probs.copy()
+    rest[np.arange(len(probs)), pred] = 0
+    rest /= np.maximum(rest.sum(1, keepdims=True), 1e-12)
+    o, d = (rest * transition[:, pred].T).sum(1), transition[pred, pred]
+    return ((given == pred) - o) / (d - o)
+
+
+def accuracy_matching_temperature(logp: np.ndarray, given: np.ndarray, transition: np.ndarray) -> float:
+    """Temperature at which the mean confidence equals the noise-corrected accuracy."""
+
+    def gap(t: float) -> float:
         p = softmax(logp, t)
-        pred, conf = p.argmax(1), p.max(1)
-        rest = p.copy()
-        rest[np.arange(len(p)), pred] = 0
-        rest /= np.maximum(rest.sum(1, keepdims=True), 1e-12)
-        o, d = (rest * transition[:, pred].T).sum(1), transition[pred, pred]
-        gaps.append(abs(conf.mean() - np.mean(((given == pred) - o) / (d - o))))
-    return float(grid[int(np.argmin(gaps))])
+        return abs(p.max(1).mean() - corrected_accuracy(p, given, transition).mean())
+
+    return minimise_temperature(gap)
+
+
+def corrected_ece_temperature(logp: np.ndarray, given: np.ndarray, transition: np.ndarray) -> float:
+    """Temperature minimising the 15-bin ECE against the noise-corrected accuracy of each tile."""
+
+    def ece(t: float) -> float:
+        p = softmax(logp, t)
+        return binned_ece(p.max(1), corrected_accuracy(p, given, transition), 15)
+
+    return minimise_temperature(ece)
+
+
+def backward_temperature(logp: np.ndarray, given: np.ndarray, transition: np.ndarray) -> float:
+    """Temperature minimising the backward-corrected NLL (Patrini et al. 2017).
+
+    Weighting each class's loss by the row of ``T⁻¹`` for the given label makes the loss unbiased
+    for the clean-label NLL, whatever the map's misfit; the served (forward) fit through T is
+    unbiased only if some temperature calibrates the model exactly.
+    """
+    weights = np.linalg.inv(transition)[given]
+
+    def loss(t: float) -> float:
+        return float(-(weights * np.log(np.clip(softmax(logp, t), 1e-12, 1))).sum(1).mean())
+
+    return minimise_temperature(loss)
+
+
+def soft_label_temperature(logp: np.ndarray, targets: np.ndarray, transition: np.ndarray) -> float:
+    """Temperature minimising the cross-entropy of soft targets (e.g. kNN vote shares) under ``softmax(z/t) @ T``.
+
+    A tile's 30 neighbours' labels instead of its own one: less label noise per tile.
+    """
+
+    def loss(t: float) -> float:
+        return float(-(targets * np.log(np.clip(softmax(logp, t) @ transition, 1e-12, 1))).sum(1).mean())
+
+    return minimise_temperature(loss)
 
 
 def true_transition(clean: np.ndarray, given: np.ndarray, n: int, fallback: np.ndarray) -> np.ndarray:
@@ -178,7 +230,11 @@ MAPS = {  # key → what the row says (section 3)
     "bias_noisy": "temperature + class bias, noisy labels through the anchor transition",
     "vector_noisy": "vector scaling, noisy labels through the anchor transition",
     "matching": "temperature matching mean confidence to the noise-corrected accuracy",
+    "corrected_ece": "temperature minimising the ECE against the noise-corrected accuracy",
+    "backward": "temperature, backward-corrected NLL of the noisy labels (anchor transition)",
+    "votes": "temperature, kNN vote shares as soft labels through the anchor transition",
     "true_transition": "*reference:* temperature, noisy labels through the true transition",
+    "backward_true": "*reference:* temperature, backward-corrected NLL with the true transition",
     "clean": "*reference:* temperature, clean labels",
     "bias_clean": "*reference:* temperature + class bias, clean labels",
     "vector_clean": "*reference:* vector scaling, clean labels",
@@ -187,30 +243,39 @@ MAPS = {  # key → what the row says (section 3)
 }
 
 
-def calibration_maps(cross_logp, noisy, clean, transition, test_logp, y_test, test_slides) -> dict[str, np.ndarray]:
-    """Held-out probabilities under each map of :data:`MAPS` (fitted on the cross-slide predictions)."""
+def calibration_maps(
+    cross_logp, noisy, clean, votes, transition, test_logp, y_test, test_slides
+) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Held-out probabilities under each map of :data:`MAPS` (fitted on the cross-slide predictions),
+    and the fitted temperature of each one-temperature map."""
     n = cross_logp.shape[1]
     true_t = true_transition(clean, noisy, n, transition)
-    temperature = fit_temperature(cross_logp, noisy, transition)
-    served = softmax(test_logp, temperature)
-    by_slide = served.copy()
-    prior = softmax(cross_logp, temperature).mean(0)  # what the model predicts on slides it never saw
+    temperatures = {
+        "served": fit_temperature(cross_logp, noisy, transition),
+        "matching": accuracy_matching_temperature(cross_logp, noisy, transition),
+        "corrected_ece": corrected_ece_temperature(cross_logp, noisy, transition),
+        "backward": backward_temperature(cross_logp, noisy, transition),
+        "votes": soft_label_temperature(cross_logp, votes, transition),
+        "true_transition": fit_temperature(cross_logp, noisy, true_t),
+        "backward_true": backward_temperature(cross_logp, noisy, true_t),
+        "clean": fit_temperature(cross_logp, clean),
+        "oracle": fit_temperature(test_logp, y_test),
+    }
+    probs = {key: softmax(test_logp, t) for key, t in temperatures.items()}
+    by_slide = probs["served"].copy()
+    prior = softmax(cross_logp, temperatures["served"]).mean(0)  # what the model predicts on slides it never saw
     for slide in np.unique(test_slides):
         m = test_slides == slide
-        by_slide[m] = adapt_priors(served[m], prior)
-    return {
-        "served": served,
+        by_slide[m] = adapt_priors(probs["served"][m], prior)
+    probs |= {
         "slide_priors": by_slide,
         "bias_noisy": scaled(test_logp, fit_scaling(cross_logp, noisy, transition, False)),
         "vector_noisy": scaled(test_logp, fit_scaling(cross_logp, noisy, transition, True)),
-        "matching": softmax(test_logp, accuracy_matching_temperature(cross_logp, noisy, transition)),
-        "true_transition": softmax(test_logp, fit_temperature(cross_logp, noisy, true_t)),
-        "clean": softmax(test_logp, fit_temperature(cross_logp, clean)),
         "bias_clean": scaled(test_logp, fit_scaling(cross_logp, clean, None, False)),
         "vector_clean": scaled(test_logp, fit_scaling(cross_logp, clean, None, True)),
-        "oracle": softmax(test_logp, fit_temperature(test_logp, y_test)),
         "bias_oracle": scaled(test_logp, fit_scaling(test_logp, y_test, None, False)),
     }
+    return {key: probs[key] for key in MAPS}, temperatures
 
 
 def run(x, y, slides, pair: list[str], noise: str, seed: int, n: int) -> tuple[list[dict], dict, dict]:
@@ -233,11 +298,13 @@ def run(x, y, slides, pair: list[str], noise: str, seed: int, n: int) -> tuple[l
                 {"slide": str(slide), "n": int(m.sum()), "accuracy": float(correct[m].mean())}
                 | {k: float(np.mean(feature(signals, k)[m])) for k in SIGNALS}
             )
-        parts.append((signals, y_lab[out], noisy[out]))
+        parts.append((signals, y_lab[out], noisy[out], votes[out]))
     cross = {k: np.concatenate([p[0][k] for p in parts]) for k in ("logp", *SIGNALS)}
-    y_cross, noisy_cross = np.concatenate([p[1] for p in parts]), np.concatenate([p[2] for p in parts])
+    y_cross, noisy_cross, votes_cross = (np.concatenate([p[i] for p in parts]) for i in (1, 2, 3))
     test = tile_signals(served.model, x_lab[train_idx], served.train_labels, x[held])
-    maps = calibration_maps(cross["logp"], noisy_cross, y_cross, transition, test["logp"], y[held], slides[held])
+    maps, temperatures = calibration_maps(
+        cross["logp"], noisy_cross, y_cross, votes_cross, transition, test["logp"], y[held], slides[held]
+    )
     ece = {"one temperature": expected_calibration_error(maps["clean"], y[held])}  # fitted on clean labels
     for name in SIGNALS:
         f_cross, f_test = feature(cross, name), feature(test, name)
@@ -245,7 +312,7 @@ def run(x, y, slides, pair: list[str], noise: str, seed: int, n: int) -> tuple[l
         a, b = fit_tile_temperature(cross["logp"], (f_cross - mu) / sd, y_cross)
         temps = np.exp(a + b * (f_test - mu) / sd)
         ece[f"temperature by {name}"] = expected_calibration_error(softmax(test["logp"] / temps[:, None]), y[held])
-    return slide_rows, ece, {"probs": maps, "y": y[held], "slides": slides[held]}
+    return slide_rows, ece, {"probs": maps, "temperatures": temperatures, "y": y[held], "slides": slides[held]}
 
 
 def confusions(held: list[dict], classes: list[str], top: int = 2) -> list[dict]:
@@ -296,6 +363,10 @@ def map_summary(held: list[dict]) -> dict:
             "pooled_per_seed": pooled,
             "pooled": float(np.mean(pooled)),
         }
+        if key in held[0]["temperatures"]:
+            out[key]["temperature_per_pair"] = {
+                pr: [h["temperatures"][key] for h in held if h["pair"] == pr] for pr in pairs
+            }
     return out
 
 
@@ -404,6 +475,18 @@ def main(argv: list[str] | None = None) -> dict:
             + f" | **{maps[k]['pooled']:.3f}** ({min(maps[k]['pooled_per_seed']):.3f}-"
             f"{max(maps[k]['pooled_per_seed']):.3f}) |"
             for k in MAPS
+        ],
+        "",
+        "Fitted temperatures, per seed (one-temperature maps):",
+        "",
+        "| calibration map | " + " | ".join(pair_names) + " |",
+        "|---|" + "---|" * len(pair_names),
+        *[
+            f"| {MAPS[k]} | "
+            + " | ".join(" ".join(f"{t:.2f}" for t in maps[k]["temperature_per_pair"][pr]) for pr in pair_names)
+            + " |"
+            for k in MAPS
+            if "temperature_per_pair" in maps[k]
         ],
         "",
         "## Where the held-out errors are (served temperature, all seeds)",

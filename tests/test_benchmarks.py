@@ -133,7 +133,11 @@ def test_calibration_limits_on_a_tiny_subset(tmp_path, monkeypatch):
         "bias_noisy",
         "vector_noisy",
         "matching",
+        "corrected_ece",
+        "backward",
+        "votes",
         "true_transition",
+        "backward_true",
         "clean",
         "bias_clean",
         "vector_clean",
@@ -144,11 +148,39 @@ def test_calibration_limits_on_a_tiny_subset(tmp_path, monkeypatch):
     assert maps["clean"]["accuracy"] == maps["served"]["accuracy"] == maps["oracle"]["accuracy"]
     for row in maps.values():  # one pair, one seed: pooling changes nothing
         assert row["pooled"] == pytest.approx(row["per_pair"]["01/07"], abs=1e-9) and 0 <= row["pooled"] <= 1
+    assert len(maps["served"]["temperature_per_pair"]["01/07"]) == 1
+    assert "temperature_per_pair" not in maps["bias_clean"]  # no single temperature there
     # the clean-label temperature here is the same fit as section 2's "one temperature"
     assert maps["clean"]["pooled"] == pytest.approx(result["ece_mean"]["one temperature"], abs=1e-9)
     assert {c["slide"] for c in result["confusions"]} <= {"CRC-Prim-HE-01", "CRC-Prim-HE-07"}
     assert all(c["true"] != c["predicted"] and 0 < c["share_of_true_class"] <= 1 for c in result["confusions"])
     assert "vector scaling" in (tmp_path / "calibration_limits.md").read_text()
+
+
+def test_noise_corrected_temperature_fits_recover_the_clean_label_fit():
+    """40 % uniform noise on labels drawn from softmax(z/2): each label-free fit finds t≈2, as clean labels do."""
+    limits = _load("calibration_limits")
+    from training.calibration import fit_temperature, softmax
+    from training.noise import inject
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (20000, 4))
+    clean = (rng.random(len(logits))[:, None] > np.cumsum(softmax(logits, 2.0), 1)).sum(1)
+    noisy = inject(clean, "uniform:0.4", 4, 0)
+    t_mat = np.full((4, 4), 0.4 / 3) + np.eye(4) * (0.6 - 0.4 / 3)
+    assert fit_temperature(logits, clean) == pytest.approx(2.0, abs=0.1)
+    assert fit_temperature(logits, noisy) > 3  # naive: the noise learned as uncertainty
+    assert limits.backward_temperature(logits, noisy, t_mat) == pytest.approx(2.0, abs=0.15)
+    assert limits.accuracy_matching_temperature(logits, noisy, t_mat) == pytest.approx(2.0, abs=0.15)
+    assert limits.corrected_ece_temperature(logits, noisy, t_mat) == pytest.approx(2.0, abs=0.2)
+    probs = softmax(logits, 2.0)
+    estimate = limits.corrected_accuracy(probs, noisy, t_mat).mean()
+    assert estimate == pytest.approx((probs.argmax(1) == clean).mean(), abs=0.02)
+    # soft targets that are the one-hot noisy labels: the served fit itself
+    one_hot = np.eye(4)[noisy]
+    assert limits.soft_label_temperature(logits, one_hot, t_mat) == pytest.approx(
+        fit_temperature(logits, noisy, t_mat), abs=1e-3
+    )
 
 
 def test_slide_prior_adaptation_recovers_a_shifted_class_mix():

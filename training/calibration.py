@@ -20,6 +20,7 @@ The served probabilities are ``softmax(z / t)``: meant for the true classes.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -59,18 +60,26 @@ def fit_temperature(logits: np.ndarray, given: np.ndarray, transition: np.ndarra
     z = torch.from_numpy(logits).double()
     y = torch.from_numpy(given).long()
     t_mat = torch.from_numpy(transition if transition is not None else np.eye(logits.shape[1])).double()
-    grid = np.exp(np.linspace(np.log(0.05), np.log(20), 200))
 
     def nll(t: float) -> float:
         p = torch.softmax(z / t, dim=1) @ t_mat
         return float(-torch.log(p.gather(1, y[:, None]).clamp_min(1e-12)).mean())
 
-    losses = [nll(t) for t in grid]
+    return minimise_temperature(nll)
+
+
+def minimise_temperature(loss: Callable[[float], float], low: float = 0.05, high: float = 20.0) -> float:
+    """The temperature in [low, high] minimising ``loss``: a log-spaced grid, then golden section.
+
+    The grid first, because a loss fitted through a noise transition need not be convex in t.
+    """
+    grid = np.exp(np.linspace(np.log(low), np.log(high), 200))
+    losses = [loss(t) for t in grid]
     best = int(np.argmin(losses))
     lo, hi = grid[max(0, best - 1)], grid[min(len(grid) - 1, best + 1)]
     for _ in range(40):  # golden-section refinement inside the bracketing grid cell
         a, b = lo + 0.382 * (hi - lo), lo + 0.618 * (hi - lo)
-        if nll(a) < nll(b):
+        if loss(a) < loss(b):
             hi = b
         else:
             lo = a
@@ -86,10 +95,11 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, n_bins: int = 15) -> float:
     """ECE with equal-width confidence bins (Guo et al. 2017)."""
-    return _binned_ece(probs.max(1), probs.argmax(1) == labels, n_bins)
+    return binned_ece(probs.max(1), probs.argmax(1) == labels, n_bins)
 
 
-def _binned_ece(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
+def binned_ece(conf: np.ndarray, correct: np.ndarray, n_bins: int) -> float:
+    """ECE of confidences against correctness, which may be an estimate per tile (a float) instead of 0/1."""
     edges = np.linspace(0, 1, n_bins + 1)
     ece = 0.0
     for lo, hi in zip(edges[:-1], edges[1:], strict=True):
@@ -108,7 +118,7 @@ def ece_floor(confidences: np.ndarray, n_bins: int = 15, draws: int = 500, seed:
     """
     rng = np.random.default_rng(seed)
     conf = np.asarray(confidences, dtype=float)
-    values = [_binned_ece(conf, rng.random(len(conf)) < conf, n_bins) for _ in range(draws)]
+    values = [binned_ece(conf, rng.random(len(conf)) < conf, n_bins) for _ in range(draws)]
     return float(np.mean(values)), float(np.percentile(values, 95))
 
 

@@ -18,6 +18,7 @@ import logging
 import shlex
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 if __package__ in (None, ""):  # `python training/train.py` from a checkout
@@ -76,6 +77,20 @@ KATHER_CREDIT = (
     "Kather JN, Weis CA, Bianconi F, et al. Multi-class texture analysis in colorectal cancer histology. "
     "Sci Rep 6, 27988 (2016). doi:10.5281/zenodo.53169. CC BY 4.0."
 )
+
+
+@dataclass
+class RunData:
+    """The labelled tiles of one run, as the confidence fits read them (indices into ``x``)."""
+
+    x: np.ndarray  # embeddings of every labelled tile
+    y_noisy: np.ndarray  # the labels as given (after --inject-noise): all the fits may use
+    y_original: np.ndarray | None  # before --inject-noise: measures only
+    slides: np.ndarray
+    votes: np.ndarray  # leave-one-out kNN vote shares of y_noisy
+    train_idx: np.ndarray
+    val_idx: np.ndarray
+    train_labels: np.ndarray  # what the head stands for on train_idx (kNN-cleaned): the OOD class means
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -251,23 +266,18 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- noise-aware calibration, abstention threshold and OOD scorer: noisy labels only
     votes = knn_votes(x_all, y_noisy, len(classes), args.knn_k)
     t = time.perf_counter()
-    confidence = _fit_confidence(
-        args,
-        config,
-        head,
-        x_all,
-        x_test,
-        test,
-        classes,
-        votes,
-        y_noisy,
-        y_given if noise is not None else None,
-        patches.slides,
-        train_idx,
-        val_idx,
-        result.train_labels,
-        out,
+    data = RunData(
+        x=x_all,
+        y_noisy=y_noisy,
+        y_original=y_given if noise is not None else None,
+        slides=np.asarray(patches.slides),
+        votes=votes,
+        train_idx=train_idx,
+        val_idx=val_idx,
+        train_labels=result.train_labels,
     )
+    y_test = np.array([classes.index(label) for label in test.labels]) if test is not None else None
+    confidence = _fit_confidence(args, config, head, data, classes, x_test, y_test, out)
     timings["calibrate"] = time.perf_counter() - t
     probs_all = confidence.pop("probs_all")
     report: dict = {
@@ -295,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "estimated_noise_rate": result.estimated_noise,
         "val": classification_report(y_noisy[val_idx], probs_all[val_idx].argmax(1), classes),
-        "confidence": {k: v for k, v in confidence.items() if k not in ("ood", "temperature_module")},
+        "confidence": {k: v for k, v in confidence.items() if k not in ("ood", "ood_scorer")},
     }
     report["val"]["note"] = "against the (noisy) labels as given: the only labels in-house data has"
     if noise is not None:
@@ -326,7 +336,6 @@ def main(argv: list[str] | None = None) -> dict:
     if test is not None:
         with torch.no_grad():
             test_pred = head(torch.from_numpy(x_test)).argmax(1).numpy()
-        y_test = np.array([classes.index(label) for label in test.labels])
         report["test"] = classification_report(y_test, test_pred, classes)
         report["test"]["source"] = str(test.source)
         plot_confusion(
@@ -360,55 +369,34 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _fit_confidence(
-    args,
-    config: TrainConfig,
-    head,
-    x_all,
-    x_test,
-    test,
-    classes,
-    votes,
-    y_noisy,
-    y_original,
-    slides,
-    train_idx,
-    val_idx,
-    train_labels,
-    out: Path,
+    args, config: TrainConfig, head, data: RunData, classes: list[str], x_test, y_test, out: Path
 ) -> dict:
     """Temperature (noise-aware), abstention threshold and OOD scorer, fitted without clean labels.
 
     Nothing here is fitted on clean labels. kNN-cleaned labels stand in for the truth only in the
-    ECE reported for data without clean labels; clean ``--test`` labels, and the original labels of
-    an ``--inject-noise`` experiment (``y_original``), only measure.
+    ECE reported for data without clean labels; clean ``--test`` labels (``y_test``), and the
+    original labels of an ``--inject-noise`` experiment (``data.y_original``), only measure.
     """
-    n = len(classes)
+    n, val_idx = len(classes), data.val_idx
     with torch.no_grad():
-        logits = head(torch.from_numpy(x_all)).numpy()
+        logits = head(torch.from_numpy(data.x)).numpy()
         test_logits = head(torch.from_numpy(x_test)).numpy() if x_test is not None else None
-    cleaned = votes.argmax(1)
-    transition = anchor_transition(votes, y_noisy, n)
+    cleaned = data.votes.argmax(1)
+    transition = anchor_transition(data.votes, data.y_noisy, n)
     # The validation-split fits carry that one slide group's difficulty: they help on unseen
     # slides harder than it and hurt on easier ones (benchmarks/confidence.py, README).
     cleaned_temperature = fit_temperature(logits[val_idx], cleaned[val_idx])
-    transition_temperature = fit_temperature(logits[val_idx], y_noisy[val_idx], transition)
-    naive_temperature = fit_temperature(logits[val_idx], y_noisy[val_idx])
+    transition_temperature = fit_temperature(logits[val_idx], data.y_noisy[val_idx], transition)
+    naive_temperature = fit_temperature(logits[val_idx], data.y_noisy[val_idx])
     calibration = args.calibration
-    cross = None
-    if calibration == "cross-slide":
-        labelled = np.sort(np.r_[train_idx, val_idx])
-        cross = cross_slide_logits(
-            x_all[labelled], y_noisy[labelled], np.asarray(slides)[labelled], n, config, cleaned[labelled]
+    cross = _cross_slide(config, data, classes, cleaned, transition) if calibration == "cross-slide" else None
+    if calibration == "cross-slide" and cross is None:
+        print(
+            "warning: cross-slide calibration needs tiles of at least 3 slides; "
+            "fitting the temperature through the noise transition on the validation split",
+            file=sys.stderr,
         )
-        if cross is None:
-            print(
-                "warning: cross-slide calibration needs tiles of at least 3 slides; "
-                "fitting the temperature through the noise transition on the validation split",
-                file=sys.stderr,
-            )
-            calibration = "transition"
-        else:
-            cross = (labelled[cross[0]], cross[1])
+        calibration = "transition"
     info: dict = {
         "calibration": calibration,
         "cleaned_label_temperature": cleaned_temperature,
@@ -420,18 +408,9 @@ def _fit_confidence(
         ),
     }
     if cross is not None:
-        cross_idx, cross_logits = cross
-        temperature = fit_temperature(cross_logits, y_noisy[cross_idx], transition)
-        info["cross_slide"] = {"n": len(cross_idx), "temperature": temperature}
-        # classes that look different on a slide the heads never saw: no temperature fixes those
-        cross_slides = np.asarray(slides)[cross_idx]
-        shifted = slide_disagreements(cross_logits.argmax(1), cleaned[cross_idx], cross_slides, classes)
-        info["cross_slide"]["disagreements"] = shifted
-        for row in shifted[:5]:
-            print(f"warning: {describe_shift(row)}; expect this confusion on new slides", file=sys.stderr)
-        if y_original is not None:  # experiments: what the clean labels of the same predictions ask for
-            info["cross_slide"]["temperature_vs_original_labels"] = fit_temperature(cross_logits, y_original[cross_idx])
-        fit_logits, fit_labels = cross_logits, cleaned[cross_idx]
+        cross_idx, fit_logits, info["cross_slide"] = cross
+        temperature = info["cross_slide"]["temperature"]
+        fit_labels = cleaned[cross_idx]
         split = "cross-slide predictions vs kNN-cleaned labels"
     else:
         temperature = {"cleaned": cleaned_temperature, "transition": transition_temperature, "none": 1.0}[calibration]
@@ -469,7 +448,6 @@ def _fit_confidence(
         "measured_on": measured_on,
     }
     if test_logits is not None:
-        y_test = np.array([classes.index(label) for label in test.labels])
         raw_t, cal_t = softmax(test_logits), softmax(test_logits, temperature)
         kept = cal_t.max(1) >= threshold
         info["test"] = {
@@ -483,23 +461,53 @@ def _fit_confidence(
             "selective_accuracy": float((cal_t.argmax(1) == y_test)[kept].mean()) if kept.any() else None,
             "coverage": float(kept.mean()),
         }
-        if cross is not None and y_original is not None:
+        if cross is not None and data.y_original is not None:
             info["test"]["ece_cross_slide_original_labels_temperature"] = expected_calibration_error(
                 softmax(test_logits, info["cross_slide"]["temperature_vs_original_labels"]), y_test
             )
         curves["clean test, uncalibrated"] = (raw_t, y_test)
         curves["clean test, calibrated"] = (cal_t, y_test)
     reliability_diagram(out / "reliability.png", curves)
-    scorer = MahalanobisScore(x_all[train_idx], train_labels, n, k=128)
-    val_scores = scorer.score(x_all[val_idx]) if len(val_idx) else scorer.score(x_all[train_idx])
+    scorer = MahalanobisScore(data.x[data.train_idx], data.train_labels, n, k=128)
+    val_scores = scorer.score(data.x[val_idx]) if len(val_idx) else scorer.score(data.x[data.train_idx])
     info["ood"] = {
         "method": "mahalanobis-pca128+residual (embedding)",
         "quantile": OOD_QUANTILE,
         "threshold": float(np.quantile(val_scores, OOD_QUANTILE)),
     }
-    info["temperature_module"] = scorer
+    info["ood_scorer"] = scorer
     info["probs_all"] = probs_all
     return info
+
+
+def _cross_slide(
+    config: TrainConfig, data: RunData, classes: list[str], cleaned: np.ndarray, transition: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, dict] | None:
+    """(tile indices, log-probabilities, report) of the cross-slide predictions, or None with < 3 slides.
+
+    Every labelled slide is predicted by an ensemble that never saw it; the temperature is fitted
+    through the noise transition on those predictions. Where they call most of a slide's
+    (kNN-cleaned) class another class, the classes look different on a slide the heads never saw,
+    which no temperature fixes: train.py warns.
+    """
+    labelled = np.sort(np.r_[data.train_idx, data.val_idx])
+    cross = cross_slide_logits(
+        data.x[labelled], data.y_noisy[labelled], data.slides[labelled], len(classes), config, cleaned[labelled]
+    )
+    if cross is None:
+        return None
+    cross_idx, cross_logits = labelled[cross[0]], cross[1]
+    shifted = slide_disagreements(cross_logits.argmax(1), cleaned[cross_idx], data.slides[cross_idx], classes)
+    for row in shifted[:5]:
+        print(f"warning: {describe_shift(row)}; expect this confusion on new slides", file=sys.stderr)
+    report = {
+        "n": len(cross_idx),
+        "temperature": fit_temperature(cross_logits, data.y_noisy[cross_idx], transition),
+        "disagreements": shifted,
+    }
+    if data.y_original is not None:  # experiments: what the clean labels of the same predictions ask for
+        report["temperature_vs_original_labels"] = fit_temperature(cross_logits, data.y_original[cross_idx])
+    return cross_idx, cross_logits, report
 
 
 def _export(
@@ -522,7 +530,7 @@ def _export(
             Path(args.out),
             parity_images,
             temperature=confidence["temperature"],
-            ood=confidence["temperature_module"],
+            ood=confidence["ood_scorer"],
             variants=tuple(v for v in args.variants.split(",") if v),
             val_images=val_images,
             val_labels=val_labels,
