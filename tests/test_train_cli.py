@@ -26,6 +26,12 @@ def _run_cli(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _quick_main(data: Path, tmp_path: Path, *extra: str) -> dict:
+    """``train.main`` in-process on ``data``, small and fast: no export, k=5, 5 epochs, a private cache."""
+    small = ["--no-export", "--knn-k", "5", "--epochs", "5", "--cache-dir", str(tmp_path / "cache")]
+    return train.main(["--data", str(data), "--out", str(tmp_path / "out"), *small, *extra])
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "model"
@@ -162,21 +168,7 @@ def test_unreadable_image_is_skipped_and_reported(tmp_path, capsys):
     shutil.copytree(FIXTURES, data)
     broken = data / "01_TUMOR" / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
-    report = train.main(
-        [
-            "--data",
-            str(data),
-            "--out",
-            str(tmp_path / "out"),
-            "--no-export",
-            "--knn-k",
-            "5",
-            "--epochs",
-            "5",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ]
-    )
+    report = _quick_main(data, tmp_path)
     assert report["data"]["n"] == 81
     assert [p for p, _ in report["data"]["skipped"]] == [str(broken)]
     assert "broken.png" in capsys.readouterr().err
@@ -205,23 +197,7 @@ def test_data_without_slide_ids_falls_back_to_the_validation_split_for_calibrati
     listing = tmp_path / "tiles.csv"
     tiles = sorted(p for p in FIXTURES.rglob("*") if p.is_file())
     listing.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in tiles))
-    report = train.main(
-        [
-            "--data",
-            str(listing),
-            "--out",
-            str(tmp_path / "out"),
-            "--no-export",
-            "--slide-regex",
-            "(no slide id in these names)",
-            "--knn-k",
-            "5",
-            "--epochs",
-            "5",
-            "--cache-dir",
-            str(tmp_path / "cache"),
-        ]
-    )
+    report = _quick_main(listing, tmp_path, "--slide-regex", "(no slide id in these names)")
     assert "cross-slide calibration needs tiles of at least 3 slides" in capsys.readouterr().err
     confidence = report["confidence"]
     assert confidence["calibration"] == "transition" and "cross_slide" not in confidence
