@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,10 +29,29 @@ def _timed(run, *args) -> float:
     return time.perf_counter() - start
 
 
+def _gpu_memory_mb() -> float | None:
+    """GPU memory this process holds, from ``nvidia-smi`` (None where there is none)."""
+    try:
+        rows = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.splitlines()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    mine = [float(r.split(",")[1]) for r in rows if r.split(",")[0].strip() == str(os.getpid())]
+    return sum(mine) if mine else 0.0
+
+
 def main() -> dict:
     tiles = sorted((ROOT / "tests" / "fixtures" / "kather").glob("*/*.webp"))
     device = os.environ.get("HISTO_DEVICE", "cuda")  # cpu only to try the script without a GPU
+    begin = time.perf_counter()
     gpu = Runtime(ROOT / "models" / "default", device=device, pad_batches=False)
+    one_session_start_s = time.perf_counter() - begin
+    one_session_mb = _gpu_memory_mb()
     cpu = Runtime(ROOT / "models" / "default", device="cpu")
     pixels = np.stack([load_rgb(t.read_bytes(), t.name, gpu.input_size, 8) for t in tiles])
     on_gpu, on_cpu = gpu.predict(pixels), cpu.predict(pixels)
@@ -42,12 +62,17 @@ def main() -> dict:
         "label_agreement": float((on_gpu.probabilities.argmax(1) == on_cpu.probabilities.argmax(1)).mean()),
         "max_abs_ood_diff": float(np.abs(on_gpu.ood_scores - on_cpu.ood_scores).max()),
         "raw_images_per_s": {},
+        "start_s_one_session": one_session_start_s,
+        "gpu_memory_mb_one_session": one_session_mb,
     }
     for size in (1, 8, 32, 64, 128, 256):
         result["raw_images_per_s"][size], _ = raw_throughput(gpu, size, 2.0)
     # one session that alternates between two batch sizes, against the padded runtime (one session per size)
     small, large = np.resize(pixels, (8, *pixels.shape[1:])), np.resize(pixels, (16, *pixels.shape[1:]))
+    begin = time.perf_counter()
     padded = Runtime(ROOT / "models" / "default", device=device, pad_batches=True)
+    result["start_s_session_per_size"] = time.perf_counter() - begin  # seven sessions, each warmed up
+    result["gpu_memory_mb_both_runtimes"] = _gpu_memory_mb()
     for name, runtime in (("one_session", gpu), ("session_per_size", padded)):
         runtime.predict(small)
         runtime.predict(large)

@@ -1,5 +1,7 @@
 """Tile reading throughput with 1-16 threads (one OpenSlide handle each) against spawned processes
-that send their tiles back pickled; writes ``$OUT/readers.json``. Run from the repository root."""
+that send their tiles back pickled, and against spawned processes that write them into shared
+memory (only a slot number crosses the pipe); writes ``$OUT/readers.json``. Run from the
+repository root."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 from service.slides import TileGrid, TileReader, open_slide, slide_mpp, tile_grid, tissue_mask  # noqa: E402
 
 _reader: TileReader | None = None
+LIMIT = int(os.environ.get("READERS_MAX", "16"))  # most threads/processes tried (2 on a small machine)
 
 
 def _start_reader(path: Path, grid: TileGrid, size: int) -> None:
@@ -29,6 +32,70 @@ def _start_reader(path: Path, grid: TileGrid, size: int) -> None:
 
 def _read(coords: np.ndarray) -> np.ndarray:
     return _reader.read_batch(coords)
+
+
+def _shm_worker(path, grid, size, shm_name, slots, batch, tasks, done) -> None:
+    from multiprocessing import shared_memory
+
+    reader = TileReader(path, grid, size)
+    shm = shared_memory.SharedMemory(name=shm_name)
+    ring = np.ndarray((slots, batch, size, size, 3), np.uint8, buffer=shm.buf)
+    while (task := tasks.get()) is not None:
+        index, start, stop, slot = task
+        for i, (x, y) in enumerate(grid.coords[start:stop]):
+            ring[slot, i] = reader.read(x, y)
+        done.put((index, slot))
+    del ring
+    shm.close()
+
+
+def shm_processes(path: Path, grid: TileGrid, size: int, processes: int, batch: int = 32) -> float:
+    """Tiles/s read by ``processes`` spawned readers into a shared ring of ``2 × processes`` slots."""
+    from multiprocessing import shared_memory
+
+    ctx = get_context("spawn")
+    slots = 2 * processes
+    shm = shared_memory.SharedMemory(create=True, size=slots * batch * size * size * 3)
+    tasks, done = ctx.Queue(), ctx.Queue()
+    workers = [
+        ctx.Process(target=_shm_worker, args=(path, grid, size, shm.name, slots, batch, tasks, done))
+        for _ in range(processes)
+    ]
+    for w in workers:
+        w.start()
+    ring = np.ndarray((slots, batch, size, size, 3), np.uint8, buffer=shm.buf)
+    starts = list(range(0, len(grid.coords), batch))
+
+    def run(chunk_starts: list[int]) -> None:
+        free, pending = list(range(slots)), iter(enumerate(chunk_starts))
+        outstanding = 0
+        for _ in range(slots):
+            item = next(pending, None)
+            if item is None:
+                break
+            tasks.put((item[0], item[1], item[1] + batch, free.pop()))
+            outstanding += 1
+        while outstanding:
+            _, slot = done.get()
+            np.copy(ring[slot])  # the consumer copies the batch out, as inference would read it
+            outstanding -= 1
+            item = next(pending, None)
+            if item is not None:
+                tasks.put((item[0], item[1], item[1] + batch, slot))
+                outstanding += 1
+
+    run(starts[:processes])  # start-up and first handles, not timed
+    begin = time.perf_counter()
+    run(starts)
+    rate = len(grid.coords) / (time.perf_counter() - begin)
+    for _ in workers:
+        tasks.put(None)
+    for w in workers:
+        w.join()
+    ring = None  # release the view before closing the mapping
+    shm.close()
+    shm.unlink()
+    return rate
 
 
 def main() -> dict:
@@ -54,8 +121,11 @@ def main() -> dict:
         DEFAULT_MIN_TISSUE,
     )
     chunks = [grid.coords[i : i + 32] for i in range(0, len(grid.coords), 32)]
-    result: dict = {"tiles": len(grid.coords), "threads": {}, "processes": {}}
-    for threads in (1, 4, 8, 12, 16):
+    result: dict = {"tiles": len(grid.coords), "threads": {}, "processes": {}, "shm_processes": {}}
+    for processes in [p for p in (1, 2, 4, 8, 12, 16) if p <= LIMIT]:
+        result["shm_processes"][processes] = shm_processes(path, grid, runtime.input_size, processes)
+        print("shm processes", processes, round(result["shm_processes"][processes]), flush=True)
+    for threads in [t for t in (1, 2, 4, 8, 12, 16) if t <= LIMIT]:
         reader = TileReader(path, grid, runtime.input_size)
         part = chunks[: max(8, len(chunks) * threads // 16)]
         begin = time.perf_counter()
@@ -64,7 +134,7 @@ def main() -> dict:
         result["threads"][threads] = sum(map(len, part)) / (time.perf_counter() - begin)
         reader.close()
         print("threads", threads, round(result["threads"][threads]), flush=True)
-    for processes in (4, 8, 12, 16):
+    for processes in [p for p in (2, 4, 8, 12, 16) if p <= LIMIT]:
         with ProcessPoolExecutor(
             processes,
             mp_context=get_context("spawn"),

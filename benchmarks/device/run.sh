@@ -23,7 +23,7 @@ el probe $?
 timeout 170 python3 benchmarks/serve.py --device cuda --seconds 8 --out "$OUT/serve.json"
 el serve $?
 cp benchmarks/results/tmp/serve-http_batched.log "$OUT/" 2>/dev/null
-timeout 90 python3 benchmarks/device/readers.py
+timeout 120 python3 benchmarks/device/readers.py
 el readers $?
 mkdir -p "$OUT/wsi"
 timeout 200 python3 benchmarks/wsi.py --workers 8 --raw-tiles 4096 --out "$OUT/wsi"
