@@ -64,8 +64,24 @@ def _cpu_seconds(pids: dict[int, str]) -> dict[str, float]:
     return out
 
 
-def _snapshot(into: dict[str, float], roles: dict[int, str]) -> None:
+def batch_stats(url: str) -> tuple[float, float]:
+    """(onnxruntime batches, inference calls they merged) so far, from BentoML's batching histogram."""
+    import re
+
+    import requests
+
+    text = requests.get(f"{url}/metrics", timeout=10).text
+
+    def total(suffix: str) -> float:
+        pattern = rf'adaptive_batch_size_{suffix}\{{[^}}]*method_name="predict"[^}}]*\}} (\S+)'
+        return sum(float(v) for v in re.findall(pattern, text))
+
+    return total("count"), total("sum")
+
+
+def _snapshot(into: dict[str, float], roles: dict[int, str], url: str) -> None:
     into.update(_cpu_seconds(roles))
+    into["batches"], into["calls"] = batch_stats(url)
 
 
 def server_roles(proc) -> dict[int, str]:
@@ -157,12 +173,16 @@ def main(argv: list[str] | None = None) -> dict:
             roles = server_roles(proc)
             before: dict[str, float] = {}
             result[name], images = http_throughput(
-                url, args.clients, args.seconds, on_start=partial(_snapshot, before, roles)
+                url, args.clients, args.seconds, on_start=partial(_snapshot, before, roles, url)
             )
             after = _cpu_seconds(roles)
             result[f"{name}_core_ms_per_image"] = {
                 role: 1000 * (after[role] - before.get(role, 0.0)) / images for role in sorted(after)
             }
+            batches, calls = batch_stats(url)
+            if calls > before["calls"]:  # the batching histogram exists only with batching on
+                result[f"{name}_images_per_call"] = images / (calls - before["calls"])
+                result[f"{name}_calls_per_batch"] = (calls - before["calls"]) / (batches - before["batches"])
             if name == "http_batched" and args.images_per_request > 1:
                 result["http_batched_multi"], _ = http_throughput(
                     url, args.clients, args.seconds, per_request=args.images_per_request
@@ -188,6 +208,11 @@ def main(argv: list[str] | None = None) -> dict:
         + ", ".join(f"{role} {ms:.2f}" for role, ms in spent.items())
         + f" = {sum(spent.values()):.2f}",
     ]
+    if "http_batched_images_per_call" in result:
+        lines.append(
+            f"  batched run: {result['http_batched_images_per_call']:.1f} images per inference call (front-end "
+            f"coalescing), {result['http_batched_calls_per_batch']:.1f} calls per onnxruntime batch (adaptive batching)"
+        )
     if provider == "CPUExecutionProvider":
         lines.append(f"  -> on shared CPU cores HTTP / raw can reach at most {result['cpu_only_http_ceiling']:.2f}")
     if "http_batched_multi" in result:

@@ -23,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,6 +45,8 @@ try:
 except SystemExit as exc:
     code = exc.code
 print("PEAK_RSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+# the largest reader process (reader processes are joined before the job exits; 0 with threads)
+print("PEAK_CHILD_RSS_KB", resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss, flush=True)
 sys.exit(code)
 """
 
@@ -80,7 +83,7 @@ import json, shutil, sys, time
 from pathlib import Path
 from service.runtime import Runtime
 from service.wsi import run_job
-slides, out = [Path(p) for p in sys.argv[3:]], Path(sys.argv[2])
+slides, out, processes = [Path(p) for p in sys.argv[4:]], Path(sys.argv[2]), int(sys.argv[3])
 runtime = Runtime(sys.argv[1], spinning=False)
 result = {}
 for ahead in (False, True):
@@ -92,7 +95,7 @@ for ahead in (False, True):
         return prediction
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
-    run_job(slides, runtime, out, progress=False, pipeline=ahead, predict=predict)
+    run_job(slides, runtime, out, progress=False, pipeline=ahead, predict=predict, reader_processes=processes)
     wall = time.perf_counter() - start
     tiles, gaps, seen = sum(n for *_, n in calls), [], 0
     per_slide = tiles // len(slides)
@@ -123,8 +126,9 @@ def raw_inference(slide: Path, model: Path, batch: int, limit: int) -> dict:
     return json.loads(_python(CHILD_RAW, str(slide), str(batch), str(limit), str(model)).split("RAW", 1)[1])
 
 
-def run_job(slide: Path, out: Path, model: Path, batch: int, workers: int) -> dict:
+def run_job(slide: Path, out: Path, model: Path, batch: int, readers: str, workers: int | None) -> dict:
     """The CLI in its own process; the child reports its own peak RSS (ru_maxrss) on exit."""
+    shutil.rmtree(out, ignore_errors=True)
     stdout = _python(
         CHILD_JOB,
         str(slide),
@@ -134,13 +138,17 @@ def run_job(slide: Path, out: Path, model: Path, batch: int, workers: int) -> di
         str(model),
         "--batch-size",
         str(batch),
-        "--workers",
-        str(workers),
+        "--readers",
+        readers,
+        *(["--workers", str(workers)] if workers else []),
         "--no-progress",
     )
     summary = json.loads((out / slide.stem / "summary.json").read_text())
     return {
+        "readers": summary["readers"],
+        "workers": summary["workers"],
         "peak_rss_mb": int(stdout.split("PEAK_RSS_KB")[1].split()[0]) / 1024,
+        "largest_reader_process_rss_mb": int(stdout.split("PEAK_CHILD_RSS_KB")[1].split()[0]) / 1024,
         "tiles": summary["tiles"],
         "job_seconds": summary["timings_s"]["total"],
         "timings_s": summary["timings_s"],
@@ -159,7 +167,15 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--model", type=Path, default=ROOT / "models" / "default")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--workers", type=int, default=2)
+    p.add_argument(
+        "--readers",
+        nargs="+",
+        choices=("auto", "threads", "processes"),
+        default=["auto"],
+        help="reader kinds to run the job with, side by side (the first is the headline)",
+    )
+    p.add_argument("--workers", type=int, default=2, help="reader threads")
+    p.add_argument("--processes", type=int, default=None, help="reader processes (default: one per core)")
     p.add_argument("--raw-tiles", type=int, default=1024, help="tiles timed for raw inference")
     p.add_argument(
         "--job-copies",
@@ -174,6 +190,7 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {
         "batch": args.batch,
         "workers": args.workers,
+        "processes": args.processes,
         "model": str(args.model.resolve().name),
         "cpus": os.cpu_count(),
         "machine": platform.processor() or platform.machine(),
@@ -190,7 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
             )
             made = time.perf_counter() - t
             before = raw_inference(slide, args.model, args.batch, args.raw_tiles)
-            run = run_job(slide, tmp / "out", args.model, args.batch, args.workers)
+            jobs = {}
+            for kind in args.readers:
+                count = args.processes if kind == "processes" else args.workers
+                jobs[kind] = run_job(slide, tmp / "out", args.model, args.batch, kind, count)
+            run = jobs[args.readers[0]]
             after = raw_inference(slide, args.model, args.batch, args.raw_tiles)
             raw = (before["tiles_per_s"] + after["tiles_per_s"]) / 2
             read_ms = (before["read_core_ms"] + after["read_core_ms"]) / 2
@@ -214,23 +235,46 @@ def main(argv: list[str] | None = None) -> dict:
                 # reach at most this fraction of raw inference, however the work is scheduled
                 cpu_only_streaming_ceiling=infer_ms / (infer_ms + read_ms),
             )
+            others = {}
+            for kind, job in list(jobs.items())[1:]:
+                others[kind] = {
+                    "readers": job["readers"],
+                    "workers": job["workers"],
+                    "peak_rss_mb": job["peak_rss_mb"],
+                    "largest_reader_process_rss_mb": job["largest_reader_process_rss_mb"],
+                    "end_to_end_tiles_per_s": job["tiles"] / job["job_seconds"],
+                    "streaming_tiles_per_s": job["tiles"] / job["timings_s"]["tiles"],
+                }
+                others[kind]["end_to_end_over_raw"] = others[kind]["end_to_end_tiles_per_s"] / raw
+                others[kind]["streaming_over_raw"] = others[kind]["streaming_tiles_per_s"] / raw
+            run["other_readers"] = others
             result["runs"][str(side)] = run
             if side == args.sizes[0] and args.job_copies > 1:
                 copies = [tmp / f"copy{i}.tiff" for i in range(args.job_copies)]
                 for copy in copies:
                     os.link(slide, copy)
+                processes = run["workers"] if run["readers"] == "processes" else 0
                 gaps = json.loads(
-                    _python(CHILD_GAPS, str(args.model), str(tmp / "job"), *map(str, copies)).split("GAPS", 1)[1]
+                    _python(CHILD_GAPS, str(args.model), str(tmp / "job"), str(processes), *map(str, copies)).split(
+                        "GAPS", 1
+                    )[1]
                 )
                 result["job_gaps"] = gaps
                 for copy in copies:
                     copy.unlink()
             slide.unlink()
             line = (
-                f"{side:>6} x {side:<6} ({run['tiles']:5d} tissue tiles): end to end {e2e:6.1f} tiles/s, "
+                f"{side:>6} x {side:<6} ({run['tiles']:5d} tissue tiles), {run['workers']} reader "
+                f"{run['readers']}: end to end {e2e:6.1f} tiles/s, "
                 f"streaming phase {streamed:6.1f}, raw inference {raw:6.1f} (before {before['tiles_per_s']:.1f}, "
                 f"after {after['tiles_per_s']:.1f}) -> end to end / raw {e2e / raw:.2f}, streaming / raw "
-                f"{streamed / raw:.2f}; peak RSS {run['peak_rss_mb']:.0f} MB; CPU per tile: reading "
+                f"{streamed / raw:.2f}; peak RSS {run['peak_rss_mb']:.0f} MB"
+                + (
+                    f" (+ {run['largest_reader_process_rss_mb']:.0f} MB per reader process at most)"
+                    if run["readers"] == "processes"
+                    else ""
+                )
+                + "; CPU per tile: reading "
                 f"{read_ms:.2f} ms, inference {infer_ms:.2f} ms"
                 # the ceiling holds only where reading and inference share the CPU cores
                 + (
@@ -241,8 +285,20 @@ def main(argv: list[str] | None = None) -> dict:
                 + "; fixed costs: tissue mask "
                 f"{run['timings_s']['tissue_mask']:.2f} s, outputs {run['timings_s']['outputs']:.2f} s"
             )
+            for other in others.values():
+                line += (
+                    f"\n    with {other['workers']} reader {other['readers']}: end to end "
+                    f"{other['end_to_end_tiles_per_s']:.1f} tiles/s ({other['end_to_end_over_raw']:.2f} of raw), "
+                    f"streaming {other['streaming_tiles_per_s']:.1f} ({other['streaming_over_raw']:.2f}), "
+                    f"peak RSS {other['peak_rss_mb']:.0f} MB"
+                    + (
+                        f" (+ {other['largest_reader_process_rss_mb']:.0f} MB per reader process at most)"
+                        if other["readers"] == "processes"
+                        else ""
+                    )
+                )
             print(line, flush=True)
-            lines.append(line)
+            lines += line.split("\n")
     sizes = [str(s) for s in args.sizes]
     first, last = result["runs"][sizes[0]], result["runs"][sizes[-1]]
     result["peak_rss_ratio"] = last["peak_rss_mb"] / first["peak_rss_mb"]
@@ -252,7 +308,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"peak RSS {sizes[-1]} / {sizes[0]}: {result['peak_rss_ratio']:.2f} (target <= 1.2; "
         f"{last['peak_rss_mb']:.0f} MB vs {first['peak_rss_mb']:.0f} MB with {last['tiles']} vs {first['tiles']} "
         "tiles)",
-        f"batch {args.batch}, {args.workers} reader threads, {result['cpus']} CPUs ({result['machine']}), "
+        f"batch {args.batch}, {result['cpus']} CPUs ({result['machine']}), "
         f"model {result['model']} on {first['provider']}; raw = Runtime.predict on the first {args.raw_tiles} "
         "tiles of the same grid, decoded in memory",
     ]
@@ -269,7 +325,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{g['one_by_one']['tiles'] / g['one_by_one']['wall_s']:.1f} vs "
             f"{g['ahead']['tiles'] / g['ahead']['wall_s']:.1f} tiles/s"
         )
-    print("\n".join(lines[len(args.sizes) :]))
+    print("\n".join(lines[sum(len(r["other_readers"]) + 1 for r in result["runs"].values()) :]))
     result["report"] = lines
     write_atomic(args.out / "wsi.txt", "\n".join(lines) + "\n")
     write_atomic(args.out / "wsi.json", json.dumps(result, indent=1) + "\n")

@@ -13,7 +13,9 @@ environment, so nothing is edited to tune a deployment:
 ``HISTO_MODEL_DIR`` (models/default) · ``HISTO_DEVICE`` (auto|cpu|cuda) · ``HISTO_MAX_BATCH_SIZE``
 (64) · ``HISTO_MAX_LATENCY_MS`` (10000) · ``HISTO_BATCHING`` (1; 0 turns batching off) ·
 ``HISTO_MAX_IMAGES`` (64 per request) · ``HISTO_MAX_BODY_MB`` (32) · ``HISTO_THREADS`` (0 = all
-cores) · ``HISTO_ABSTAIN_THRESHOLD`` / ``HISTO_OOD_THRESHOLD`` (override the card's).
+cores) · ``HISTO_API_WORKERS`` (auto) · ``HISTO_INFERENCE_WORKERS`` (1) · ``HISTO_CUDA_OPTIONS``
+(onnxruntime CUDA provider options) · ``HISTO_ABSTAIN_THRESHOLD`` / ``HISTO_OOD_THRESHOLD``
+(override the card's).
 """
 
 from __future__ import annotations
@@ -52,6 +54,11 @@ MAX_BODY_BYTES = int(float(os.environ.get("HISTO_MAX_BODY_MB", "32")) * 1024 * 1
 # "auto" = one per core, at most 8 (each holds its own Python heap, about 150 MB).
 _WORKERS = os.environ.get("HISTO_API_WORKERS", "auto")
 API_WORKERS = min(8, os.cpu_count() or 1) if _WORKERS == "auto" else max(1, int(_WORKERS))
+# Inference processes: one by default, so that every front end's calls meet in one batcher. Each
+# further process adds a batcher and its own CUDA sessions (about 4.4 GB of GPU memory with the
+# default model). On an H200 two raised HTTP without batching from 324 to 425 images/s but not with
+# batching (905 vs 886): the batches split between them.
+INFERENCE_WORKERS = max(1, int(os.environ.get("HISTO_INFERENCE_WORKERS", "1")))
 
 
 def _load_model_or_exit():
@@ -131,7 +138,20 @@ class RequestGuard:
         )(scope, receive, send)
 
 
-@bentoml.service(name="histo_inference", workers=1, traffic={"timeout": 120, "max_concurrency": 256})
+@bentoml.service(
+    name="histo_inference",
+    workers=INFERENCE_WORKERS,
+    traffic={"timeout": 120, "max_concurrency": 256},
+    # On a GPU this process's event loop, not the model, limits batched HTTP: on an H200 it spent 1.73
+    # core-ms per image (the model 0.13). This hop is internal, so it writes no access-log line and no
+    # trace span per call; with uvloop and httptools (the serve/gpu extras) that took it to 1.20 and
+    # HTTP from 629 to 905 images/s (benchmarks/results/h200-gpu). BentoML also replaces a client
+    # session every `max_requests` calls (100 by default) even with calls in flight on it: a
+    # profiling harness saw 6-7 % of its calls fail that way (none in the benchmark's logs).
+    logging={"access": {"enabled": False}},
+    tracing={"excluded_urls": ["predict"]},
+    runner_connection={"max_requests": 1_000_000},
+)
 class Inference:
     """onnxruntime behind BentoML's adaptive batching: one call per batch of images."""
 

@@ -217,6 +217,15 @@ def tile_grid(
     return TileGrid(side, level, level_ds, read_size, coords, fraction[rows, cols], len(xs) * len(ys))
 
 
+def read_tile(slide: openslide.OpenSlide, x: int, y: int, level: int, read_size: int, input_size: int) -> np.ndarray:
+    """uint8 ``[input_size, input_size, 3]``: the ``read_size`` square at ``level`` whose level-0
+    top-left corner is (x, y), on white, resized as training and ``/classify`` resize."""
+    rgb = _on_white(slide.read_region((int(x), int(y)), level, (read_size, read_size)))
+    if rgb.size != (input_size, input_size):
+        rgb = rgb.resize((input_size, input_size), Image.BILINEAR)
+    return np.asarray(rgb, dtype=np.uint8)
+
+
 class TileReader:
     """Reads grid tiles and resizes them to the model input, with one OpenSlide handle per thread.
 
@@ -241,12 +250,7 @@ class TileReader:
 
     def read(self, x: int, y: int) -> np.ndarray:
         """uint8 ``[S, S, 3]`` tile whose top-left level-0 corner is (x, y)."""
-        g = self.grid
-        region = self._slide().read_region((int(x), int(y)), g.level, (g.read_size, g.read_size))
-        rgb = _on_white(region)
-        if rgb.size != (self.input_size, self.input_size):
-            rgb = rgb.resize((self.input_size, self.input_size), Image.BILINEAR)  # as training and /classify
-        return np.asarray(rgb, dtype=np.uint8)
+        return read_tile(self._slide(), x, y, self.grid.level, self.grid.read_size, self.input_size)
 
     def read_batch(self, coords: np.ndarray) -> np.ndarray:
         """uint8 ``[len(coords), S, S, 3]``, in the order of ``coords``."""

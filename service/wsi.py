@@ -1,13 +1,15 @@
 """Classify whole-slide images: tissue mask → tiles at the model's µm/px → batched onnxruntime → outputs.
 
-    python -m service.wsi SLIDE_OR_FOLDER... --out OUT [--model DIR] [--mpp X] [--batch-size N] [--workers N]
+    python -m service.wsi SLIDE_OR_FOLDER... --out OUT [--model DIR] [--mpp X] [--batch-size N]
+        [--readers auto|threads|processes] [--workers N]
 
 Per slide, ``OUT/<slide stem>/`` gets ``tiles.csv``, ``predictions.geojson`` (QuPath), ``heatmap.png``
-and ``summary.json``. Reader threads (``--workers``, one OpenSlide handle each) decode and resize
-tiles ahead of inference; at most a few batches are in flight, so memory stays flat whatever the
-slide size. Each finished batch is appended to ``OUT/<slide stem>/.tiles.partial`` and fsync'ed: a job
-killed at any moment, SIGKILL included, resumes where it stopped when started again with the same
-arguments and ends with the same outputs as an uninterrupted run. A slide whose ``summary.json``
+and ``summary.json``. Tile readers (``--workers`` threads or spawned processes, one OpenSlide handle
+each) decode and resize tiles ahead of inference; at most a few batches are in flight, so memory
+stays flat whatever the slide size. Each finished batch is appended to
+``OUT/<slide stem>/.tiles.partial`` and fsync'ed: a job killed at any moment, SIGKILL included,
+resumes where it stopped when started again with the same arguments and ends with the same
+outputs as an uninterrupted run. A slide whose ``summary.json``
 was written by the same model with the same arguments is skipped. A slide that fails is listed in
 ``OUT/failures.json`` and the others go on; the exit code is then 1.
 """
@@ -35,6 +37,7 @@ from tqdm import tqdm
 
 from models.card import ModelCard, ModelLoadError, write_atomic
 from service.outputs import TileTable, write_geojson, write_heatmap, write_summary, write_tiles_csv
+from service.reader_processes import ReaderProcesses
 from service.runtime import Prediction, Runtime
 from service.slides import (
     SLIDE_SUFFIXES,
@@ -56,10 +59,26 @@ LOCK = ".lock"
 OUTPUT_FILES = ("tiles.csv", "predictions.geojson", "heatmap.png", "summary.json")
 FAILURES = "failures.json"
 DEFAULT_MIN_TISSUE = 0.5
-# Tile-reading threads. Measured on a 16-core H200 host (one OpenSlide handle per thread): 794 tiles/s
-# with 1 thread, 2,439 with 4, 3,364 with 8, then fewer (2,557 with 12, 2,365 with 16) as the threads
-# contend for the GIL. On 2 cores, 2 threads read 1.9 times as fast as one.
-DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+_CORES = os.cpu_count() or 1
+# Tile readers, measured on a 16-core H200 host (benchmarks/device/readers.py, one OpenSlide handle
+# each). Threads: 816 tiles/s with 1, 2,365 with 4, 3,600 with 8, then fewer (2,882 with 12, 2,487
+# with 16) as they contend for the GIL. Spawned processes writing into shared memory
+# (service.reader_processes): 858 with 1, 5,426 with 8, 8,877 with 16. On 2 cores, 2 processes read
+# 2,290 tiles/s against 1,935 for 2 threads, but starting them costs about a second of those cores'
+# time, which a small job does not win back: processes are the default from 8 cores.
+DEFAULT_WORKERS = min(8, _CORES)  # reader threads
+READER_KINDS = ("auto", "threads", "processes")
+
+
+def resolve_readers(kind: str = "auto", workers: int | None = None) -> tuple[str, int]:
+    """``(threads | processes, how many)`` for ``--readers`` and ``--workers`` (None: the kind's default)."""
+    if kind not in READER_KINDS:
+        raise ValueError(f"readers must be one of {READER_KINDS}, got {kind!r}")
+    if kind == "auto":
+        kind = "processes" if _CORES >= 8 else "threads"
+    return kind, workers or (_CORES if kind == "processes" else DEFAULT_WORKERS)
+
+
 # Bumped when the tiling or the partial format changes, so old partial results are not reused.
 JOB_FORMAT = 2
 
@@ -136,6 +155,12 @@ def _format_rows(start: int, grid: TileGrid, prediction: Prediction) -> str:
         values = ",".join(f"{float(v):.9g}" for v in (*prediction.probabilities[k], ood[k]))
         lines.append(f"{i},{x},{y},{values}\n")
     return "".join(lines)
+
+
+def _append_durably(handle: Any, start: int, grid: TileGrid, prediction: Prediction) -> None:
+    handle.write(_format_rows(start, grid, prediction))
+    handle.flush()
+    os.fsync(handle.fileno())  # a completed batch survives SIGKILL and power loss
 
 
 def stream_batches(
@@ -234,6 +259,7 @@ def _slide_steps(
     predict: Predict | None = None,
     progress: bool = True,
     prepared: Future[PreparedSlide] | None = None,
+    readers: ReaderProcesses | None = None,
 ) -> Generator[None, None, dict[str, Any]]:
     """:func:`classify_slide` in two steps: the generator yields once the tiles are classified (the
     accelerator's part) and returns the summary once the outputs are written. A finished slide
@@ -243,6 +269,8 @@ def _slide_steps(
     path, out_dir = Path(path), Path(out_dir)
     if batch_size < 1 or workers < 1:
         raise ValueError(f"batch_size and workers must be >= 1, got {batch_size} and {workers}")
+    if readers is not None and readers.batch_size != batch_size:
+        raise ValueError(f"the reader processes read batches of {readers.batch_size}, not {batch_size}")
     if not 0 <= min_tissue <= 1:
         raise ValueError(f"min_tissue must be within [0, 1], got {min_tissue}")
     slide = open_slide(path)
@@ -280,6 +308,7 @@ def _slide_steps(
                 workers,
                 progress,
                 timings,
+                readers,
             )
             yield  # the rest only writes outputs: a multi-slide job lets it finish in the background
             t0 = time.perf_counter()
@@ -311,7 +340,8 @@ def _slide_steps(
                 "ood": None if ood is None else int(ood.sum()),
                 "resumed_tiles": resumed,
                 "batch_size": batch_size,
-                "workers": workers,
+                "readers": "threads" if readers is None else "processes",
+                "workers": workers if readers is None else readers.processes,
                 "timings_s": {
                     k: round(timings[k], 3)
                     for k in (
@@ -348,13 +378,15 @@ def classify_slide(
     predict: Predict | None = None,
     progress: bool = True,
     prepared: Future[PreparedSlide] | None = None,
+    readers: ReaderProcesses | None = None,
 ) -> dict[str, Any]:
     """Classify one slide into ``out_dir`` (resuming a killed run, skipping a finished one); return its summary.
 
     ``predict`` replaces ``runtime.predict`` (e.g. a batching client); ``runtime`` still supplies the
     card and thresholds. ``prepared``: the slide's :func:`prepare_slide`, started earlier with the
     same ``mpp`` and ``min_tissue`` (a multi-slide job computes it while the previous slide streams).
-    Raises :class:`SlideError` for a slide that cannot be read or has no mpp.
+    ``readers``: reader processes (built with the same ``batch_size``) that read the tiles instead
+    of ``workers`` threads. Raises :class:`SlideError` for a slide that cannot be read or has no mpp.
     """
     return _run_steps(
         _slide_steps(
@@ -368,6 +400,7 @@ def classify_slide(
             predict=predict,
             progress=progress,
             prepared=prepared,
+            readers=readers,
         )
     )
 
@@ -392,6 +425,7 @@ def _classify_tiles(
     workers: int,
     progress: bool,
     timings: dict[str, float],
+    readers: ReaderProcesses | None = None,
 ) -> int:
     """Run the tiles not yet in the partial file through ``predict``, appending each batch durably.
 
@@ -412,7 +446,7 @@ def _classify_tiles(
     t0 = time.perf_counter()
     starts = list(range(resumed, len(grid.coords), batch_size))
     if starts:
-        reader = TileReader(path, grid, runtime.card.input_size)
+        reader = TileReader(path, grid, runtime.card.input_size) if readers is None else None
         bar = tqdm(
             total=len(grid.coords),
             initial=resumed,
@@ -421,9 +455,20 @@ def _classify_tiles(
             disable=not progress,
             dynamic_ncols=True,
         )
-        batches = stream_batches(reader, grid, starts, batch_size, workers)
+        batches = (
+            readers.stream(path, grid, starts)
+            if readers is not None
+            else stream_batches(reader, grid, starts, batch_size, workers)
+        )
         try:
-            with open(partial, "a", encoding="ascii") as handle:
+            # the writer thread formats and fsyncs one batch while the next is inferred; it exits
+            # (finishing its batch) before the file closes, so the partial file never loses a batch
+            # that was written, whatever stops the loop
+            with (
+                open(partial, "a", encoding="ascii") as handle,
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="partial-writer") as writer,
+            ):
+                writing: Future[None] | None = None
                 while True:
                     t1 = time.perf_counter()
                     try:
@@ -437,16 +482,19 @@ def _classify_tiles(
                     t2 = time.perf_counter()
                     prediction = predict(pixels)
                     t3 = time.perf_counter()
-                    handle.write(_format_rows(start, grid, prediction))
-                    handle.flush()
-                    os.fsync(handle.fileno())  # a completed batch survives SIGKILL and power loss
+                    if writing is not None:
+                        writing.result()  # one batch in writing at most; a failed write stops the slide
+                    writing = writer.submit(_append_durably, handle, start, grid, prediction)
                     t_wait, t_infer = t_wait + t2 - t1, t_infer + t3 - t2
                     t_write += time.perf_counter() - t3
                     bar.update(len(pixels))
+                if writing is not None:
+                    writing.result()
         finally:
             batches.close()
             bar.close()
-            reader.close()
+            if reader is not None:
+                reader.close()
     timings.update(tiles=time.perf_counter() - t0, waiting_for_tiles=t_wait, inference=t_infer, partial_writes=t_write)
     return resumed
 
@@ -500,6 +548,7 @@ def run_job(
     *,
     progress: bool = True,
     pipeline: bool = True,
+    reader_processes: int = 0,
     **options: Any,
 ) -> list[dict[str, str]]:
     """Classify every slide into ``out/<stem>/``; a failing slide is recorded and the others go on.
@@ -507,6 +556,8 @@ def run_job(
     With ``pipeline``, the accelerator does not wait between slides: while one slide streams, one
     background thread computes the next slide's tissue mask and tile grid and another writes the
     previous slide's outputs. A job interrupted meanwhile still finishes the outputs being written.
+    ``reader_processes`` > 0 reads tiles in that many spawned processes, started once for the job,
+    instead of ``workers`` threads per slide.
     """
     owners: dict[str, Path] = {}
     planned: set[Path] = set()  # resolved paths of the slides that will run
@@ -545,7 +596,13 @@ def run_job(
     with (
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-prep") as prep_pool,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="slide-finish") as finish_pool,
+        contextlib.ExitStack() as stack,
     ):
+        if reader_processes and runnable:
+            batch_size = options.get("batch_size", 32)
+            options["readers"] = stack.enter_context(
+                ReaderProcesses(reader_processes, batch_size, runtime.card.input_size)
+            )
         prepared: dict[Path, Future[PreparedSlide]] = {}
         finishing: list[tuple[int, Path, Future[dict[str, Any]]]] = []
 
@@ -606,7 +663,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mpp", type=float, default=None, help="level-0 µm/px for every slide, overriding the file's")
     p.add_argument("--batch-size", type=int, default=32, help="tiles per onnxruntime call (default %(default)s)")
     p.add_argument(
-        "--workers", type=int, default=DEFAULT_WORKERS, help="tile-reading threads (default: cores, at most 8)"
+        "--readers",
+        choices=READER_KINDS,
+        default="auto",
+        help="read tiles in threads or spawned processes (default auto: processes from 8 cores)",
+    )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="tile readers (default: one process per core, or one thread per core up to 8)",
     )
     p.add_argument(
         "--min-tissue",
@@ -617,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default $HISTO_DEVICE or auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    if args.batch_size < 1 or args.workers < 1 or not 0 <= args.min_tissue <= 1:
+    if args.batch_size < 1 or (args.workers is not None and args.workers < 1) or not 0 <= args.min_tissue <= 1:
         p.error("--batch-size and --workers must be >= 1 and --min-tissue within [0, 1]")
     if args.mpp is not None and not args.mpp > 0:
         p.error("--mpp must be positive")
@@ -633,15 +699,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ModelLoadError, ValueError, RuntimeError) as exc:
         print(f"error: cannot load model: {exc}", file=sys.stderr)
         return 2
+    readers, workers = resolve_readers(args.readers, args.workers)
     try:
         failures = run_job(
             slides,
             runtime,
             args.out,
             progress=not args.no_progress,
+            reader_processes=workers if readers == "processes" else 0,
             mpp=args.mpp,
             batch_size=args.batch_size,
-            workers=args.workers,
+            workers=workers if readers == "threads" else DEFAULT_WORKERS,
             min_tissue=args.min_tissue,
         )
     except KeyboardInterrupt:

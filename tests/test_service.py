@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import re
 import struct
 import time
 import zlib
@@ -15,6 +14,7 @@ import pytest
 import requests
 from PIL import Image
 
+from benchmarks.serve import batch_stats
 from service.images import load_rgb
 from service.runtime import Runtime
 
@@ -149,23 +149,13 @@ def test_requests_without_files(served):
     _expect_alive(served)
 
 
-def _batch_stats(url: str) -> tuple[float, float]:
-    """(onnxruntime batches, inference calls they merged) so far, from BentoML's batching histogram."""
-    text = requests.get(f"{url}/metrics", timeout=10).text
-    count = sum(
-        float(v) for v in re.findall(r'adaptive_batch_size_count\{[^}]*method_name="predict"[^}]*\} (\S+)', text)
-    )
-    total = sum(float(v) for v in re.findall(r'adaptive_batch_size_sum\{[^}]*method_name="predict"[^}]*\} (\S+)', text))
-    return count, total
-
-
 def test_concurrent_requests_are_batched_and_answers_match(served):
     tiles = TILES[:24]
     singles = [_post(served, [(t.name, t.read_bytes())]).json()["results"][0] for t in tiles]  # one at a time
-    batches_before, images_before = _batch_stats(served)
+    batches_before, images_before = batch_stats(served)
     with ThreadPoolExecutor(len(tiles)) as pool:
         concurrent = list(pool.map(lambda t: _post(served, [(t.name, t.read_bytes())]), tiles))
-    batches_after, calls_after = _batch_stats(served)
+    batches_after, calls_after = batch_stats(served)
     batches, calls = batches_after - batches_before, calls_after - images_before
     # each front-end worker merges concurrent requests into fewer calls; the batcher merges the calls
     assert 1 <= batches <= calls < len(tiles), f"{len(tiles)} requests: {calls} inference calls"
@@ -235,6 +225,20 @@ def test_device_choice_and_a_cuda_provider_that_does_not_start(monkeypatch, capl
     assert "running on the CPU" in caplog.text
     confirm_device("cuda", wanted, wanted)  # CUDA started: nothing to say
     confirm_device("cpu", ["CPUExecutionProvider"], fell_back)
+
+
+def test_cuda_provider_options_from_the_environment(monkeypatch):
+    from service.runtime import CUDA_OPTIONS, cuda_options
+
+    monkeypatch.delenv("HISTO_CUDA_OPTIONS", raising=False)
+    defaults = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
+    assert cuda_options() == CUDA_OPTIONS == defaults
+    monkeypatch.setenv("HISTO_CUDA_OPTIONS", "gpu_mem_limit=4294967296, cudnn_conv_algo_search=DEFAULT")
+    assert cuda_options() == {**defaults, "cudnn_conv_algo_search": "DEFAULT", "gpu_mem_limit": "4294967296"}
+    assert CUDA_OPTIONS == defaults  # not changed in place
+    monkeypatch.setenv("HISTO_CUDA_OPTIONS", "gpu_mem_limit")
+    with pytest.raises(ValueError, match="key=value pairs"):
+        cuda_options()
 
 
 def test_padded_batches_give_each_size_its_own_session_and_the_same_answers(caplog):

@@ -273,7 +273,8 @@ def test_unreadable_and_mpp_less_slides_among_good_ones(slides, tmp_path):
     broken = tmp_path / "broken.svs"
     broken.write_bytes(b"this is not a slide")
     out = tmp_path / "out"
-    proc = _cli(str(slides["0.495"]), str(broken), str(slides["no-mpp"]), str(CMU), "--out", str(out))
+    good, nompp = str(slides["0.495"]), str(slides["no-mpp"])
+    proc = _cli(good, str(broken), nompp, str(CMU), "--out", str(out), "--readers", "processes", "--workers", "2")
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 1, err
     failures = {Path(f["slide"]).name: f["error"] for f in json.loads((out / "failures.json").read_text())}
@@ -293,8 +294,10 @@ def test_unreadable_and_mpp_less_slides_among_good_ones(slides, tmp_path):
 def test_kill_and_resume_gives_the_uninterrupted_outputs(tmp_path):
     image = tissue_image(3000, 3000, [(0, 0, 3000, 3000)], seed=3)  # all tissue: 20 x 20 = 400 tiles
     slide = write_pyramid(tmp_path / "full.tiff", image, 0.495)
-    args = [str(slide), "--batch-size", "4", "--workers", "2"]
-    reference = _cli(*args, "--out", str(tmp_path / "ref"))
+    # the uninterrupted run reads with threads, the killed and the resumed one with processes: the
+    # outputs must match to the byte across reader kinds too
+    args = [str(slide), "--batch-size", "4", "--workers", "2", "--readers", "processes"]
+    reference = _cli(*args[:-1], "threads", "--out", str(tmp_path / "ref"))
     _, err = reference.communicate(timeout=300)
     assert reference.returncode == 0, err
 
@@ -326,7 +329,8 @@ def test_kill_and_resume_gives_the_uninterrupted_outputs(tmp_path):
     assert len(rows) == len(set(rows)) == 400  # none missing, none twice
     ref_summary, summary = (json.loads((d / "full" / "summary.json").read_text()) for d in (tmp_path / "ref", out))
     assert summary["resumed_tiles"] == whole - 4
-    for key in ("timings_s", "tiles_per_s", "resumed_tiles", "slide"):
+    assert (ref_summary["readers"], summary["readers"]) == ("threads", "processes")
+    for key in ("timings_s", "tiles_per_s", "resumed_tiles", "slide", "readers"):
         ref_summary.pop(key), summary.pop(key)
     assert summary == ref_summary
     assert sorted(p.name for p in (out / "full").iterdir()) == [

@@ -45,6 +45,45 @@ def _gpu_memory_mb() -> float | None:
     return sum(mine) if mine else 0.0
 
 
+MEMORY_CHILD = """
+import json, os, sys, time
+sys.path.insert(0, os.getcwd())
+from benchmarks.device.probe import _gpu_memory_mb
+from benchmarks.serve import raw_throughput
+from service.runtime import Runtime
+begin = time.perf_counter()
+runtime = Runtime("models/default", pad_batches=True)
+started = time.perf_counter() - begin
+memory = _gpu_memory_mb()
+rates = {size: raw_throughput(runtime, size, 1.5)[0] for size in (32, 64)}
+print("MEM", json.dumps({"start_s": started, "gpu_memory_mb": memory, "images_per_s": rates,
+                         "after_runs_gpu_memory_mb": _gpu_memory_mb()}))
+"""
+# CUDA provider options that bound what each of the seven sessions allocates
+MEMORY_VARIANTS = {
+    "default": "",
+    "no_max_workspace": "cudnn_conv_use_max_workspace=0",
+    "same_as_requested": "arena_extend_strategy=kSameAsRequested",
+    "both": "cudnn_conv_use_max_workspace=0,arena_extend_strategy=kSameAsRequested",
+}
+
+
+def memory_variants() -> dict:
+    """GPU memory, start-up and raw throughput of the per-size runtime, one process per option set."""
+    out = {}
+    for name, options in MEMORY_VARIANTS.items():
+        env = {**os.environ, "HISTO_CUDA_OPTIONS": options}
+        done = subprocess.run(
+            [sys.executable, "-c", MEMORY_CHILD], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        if done.returncode != 0 or "MEM" not in done.stdout:
+            out[name] = {"error": done.stderr[-1500:]}
+        else:
+            out[name] = {"options": options, **json.loads(done.stdout.split("MEM", 1)[1])}
+        print(name, json.dumps(out[name]), flush=True)
+    return out
+
+
 def main() -> dict:
     tiles = sorted((ROOT / "tests" / "fixtures" / "kather").glob("*/*.webp"))
     device = os.environ.get("HISTO_DEVICE", "cuda")  # cpu only to try the script without a GPU
@@ -77,6 +116,8 @@ def main() -> dict:
         runtime.predict(small)
         runtime.predict(large)
         result[f"alternating_8_16_s_{name}"] = [_timed(runtime.predict, b) for b in (small, large) * 3]
+    del gpu, padded
+    result["seven_sessions_by_cuda_options"] = memory_variants()
     print(json.dumps(result, indent=1), flush=True)
     Path(os.environ.get("OUT", "."), "probe.json").write_text(json.dumps(result, indent=1) + "\n")
     return result
