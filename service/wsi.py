@@ -9,9 +9,9 @@ each) decode and resize tiles ahead of inference; at most a few batches are in f
 stays flat whatever the slide size. Each finished batch is appended to
 ``OUT/<slide stem>/.tiles.partial`` and fsync'ed: a job killed at any moment, SIGKILL included,
 resumes where it stopped when started again with the same arguments and ends with the same
-outputs as an uninterrupted run. A slide whose ``summary.json``
-was written by the same model with the same arguments is skipped. A slide that fails is listed in
-``OUT/failures.json`` and the others go on; the exit code is then 1.
+outputs as an uninterrupted run. A slide whose ``summary.json`` was written by the same model with
+the same arguments is skipped. A slide that fails is listed in ``OUT/failures.json`` and the others
+go on; the exit code is then 1.
 """
 
 from __future__ import annotations
