@@ -1,7 +1,8 @@
 """Tile reading throughput with 1-16 threads (one OpenSlide handle each) against spawned processes
-that send their tiles back pickled, and against spawned processes that write them into shared
-memory (only a slot number crosses the pipe); writes ``$OUT/readers.json``. Run from the
-repository root."""
+that send their tiles back pickled, and against the slide job's reader processes, which write them
+into shared memory (only a slot number crosses the pipe); writes ``$OUT/readers.json``. Run from
+the repository root. (Run E measured a first version of those processes written here; the job's
+:class:`ReaderProcesses` grew out of it and replaced it.)"""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from service.reader_processes import ReaderProcesses  # noqa: E402
 from service.slides import TileGrid, TileReader, open_slide, slide_mpp, tile_grid, tissue_mask  # noqa: E402
 
 _reader: TileReader | None = None
@@ -34,68 +36,16 @@ def _read(coords: np.ndarray) -> np.ndarray:
     return _reader.read_batch(coords)
 
 
-def _shm_worker(path, grid, size, shm_name, slots, batch, tasks, done) -> None:
-    from multiprocessing import shared_memory
-
-    reader = TileReader(path, grid, size)
-    shm = shared_memory.SharedMemory(name=shm_name)
-    ring = np.ndarray((slots, batch, size, size, 3), np.uint8, buffer=shm.buf)
-    while (task := tasks.get()) is not None:
-        index, start, stop, slot = task
-        for i, (x, y) in enumerate(grid.coords[start:stop]):
-            ring[slot, i] = reader.read(x, y)
-        done.put((index, slot))
-    del ring
-    shm.close()
-
-
 def shm_processes(path: Path, grid: TileGrid, size: int, processes: int, batch: int = 32) -> float:
-    """Tiles/s read by ``processes`` spawned readers into a shared ring of ``2 × processes`` slots."""
-    from multiprocessing import shared_memory
-
-    ctx = get_context("spawn")
-    slots = 2 * processes
-    shm = shared_memory.SharedMemory(create=True, size=slots * batch * size * size * 3)
-    tasks, done = ctx.Queue(), ctx.Queue()
-    workers = [
-        ctx.Process(target=_shm_worker, args=(path, grid, size, shm.name, slots, batch, tasks, done))
-        for _ in range(processes)
-    ]
-    for w in workers:
-        w.start()
-    ring = np.ndarray((slots, batch, size, size, 3), np.uint8, buffer=shm.buf)
+    """Tiles/s of the slide job's own reader processes (:class:`ReaderProcesses`), ``processes`` of them."""
     starts = list(range(0, len(grid.coords), batch))
-
-    def run(chunk_starts: list[int]) -> None:
-        free, pending = list(range(slots)), iter(enumerate(chunk_starts))
-        outstanding = 0
-        for _ in range(slots):
-            item = next(pending, None)
-            if item is None:
-                break
-            tasks.put((item[0], item[1], item[1] + batch, free.pop()))
-            outstanding += 1
-        while outstanding:
-            _, slot = done.get()
-            np.copy(ring[slot])  # the consumer copies the batch out, as inference would read it
-            outstanding -= 1
-            item = next(pending, None)
-            if item is not None:
-                tasks.put((item[0], item[1], item[1] + batch, slot))
-                outstanding += 1
-
-    run(starts[:processes])  # start-up and first handles, not timed
-    begin = time.perf_counter()
-    run(starts)
-    rate = len(grid.coords) / (time.perf_counter() - begin)
-    for _ in workers:
-        tasks.put(None)
-    for w in workers:
-        w.join()
-    ring = None  # release the view before closing the mapping
-    shm.close()
-    shm.unlink()
-    return rate
+    with ReaderProcesses(processes, batch, size) as readers:
+        for _ in readers.stream(path, grid, starts[:processes]):  # start-up and first handles, not timed
+            pass
+        begin = time.perf_counter()
+        for _, pixels in readers.stream(path, grid, starts):
+            np.copy(pixels)  # the consumer copies the batch out, as inference would read it
+        return len(grid.coords) / (time.perf_counter() - begin)
 
 
 def main() -> dict:
