@@ -18,7 +18,8 @@ seed). References beside it: the ECE of the temperature fitted on the *clean* la
 cross-slide predictions (the best any temperature learned on the training slides can do), of a
 temperature fitted on the clean test labels themselves (what no calibration learned elsewhere can
 beat), and of a *perfectly* calibrated model on this many tiles (the binned estimator's own bias).
-Writes ``benchmarks/results/confidence.{md,json}`` and ``confidence.png`` (reliability diagrams).
+Writes ``benchmarks/results/confidence.{md,json}`` and ``confidence.png`` (reliability diagrams);
+``--name`` changes the stem, ``--encoder`` the encoder trained (default: ``training/train.py``'s).
 """
 
 from __future__ import annotations
@@ -108,6 +109,8 @@ def measure(args: argparse.Namespace, holdout: str, seed: int, model_dir: Path) 
             str(seed),
             "--mpp",
             "0.495",
+            "--encoder",
+            args.encoder,
         ]
     )
     runtime = Runtime(model_dir)
@@ -234,6 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="held-out slide sets, ';' between sets, ',' between the slides of one set",
     )
     p.add_argument("--noise", default="uniform:0.4")
+    p.add_argument("--encoder", default=train.DEFAULT_ENCODER, help="training/train.py --encoder")
     p.add_argument("--seeds", type=int, default=3, help="noise draws / training seeds (0..N-1)")
     p.add_argument("--out", type=Path, default=RESULTS)
     p.add_argument("--name", default="confidence", help="stem of the result files")
@@ -278,6 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
         "holdout_slides": pairs,
         "shifts": shifts,
         "noise": args.noise,
+        "encoder": args.encoder,
         "seeds": args.seeds,
         "ece_summary": summary,
         "ood_auroc_all_mean": mean([r["ood"]["all non-H&E"]["auroc"] for r in runs]),
@@ -293,7 +298,9 @@ def main(argv: list[str] | None = None) -> dict:
         "",
         f"Training labels with `{args.noise}` noise, one draw and one model per seed ({args.seeds} seeds) and per "
         f"held-out slide pair; measured on the held-out slides (clean labels) through onnxruntime, as served. "
-        f"Head: slide ensemble of {runs[0]['head_members']} linear heads (the default). ECE: 15 equal-width bins.",
+        f"Encoder: `{args.encoder}`. Head: slide ensemble of {runs[0]['head_members']} linear heads"
+        + (" (the default)" if args.encoder == train.DEFAULT_ENCODER else "")
+        + ". ECE: 15 equal-width bins.",
         "",
         "## Expected calibration error",
         "",

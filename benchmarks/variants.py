@@ -1,10 +1,12 @@
 """CPU throughput of the shipped model: fp32 / fp16 / int8 ONNX vs torch eager, batch 32, one run.
 
-    python benchmarks/variants.py [--seconds 10]
+    python benchmarks/variants.py [--seconds 10] [--compare runs/other-model]
 
 Builds the fp16 and int8 variants of ``models/default`` in a temporary folder with the same code
 ``training/train.py --variants`` uses, checks their parity against fp32 on real fixture tiles,
-and prints images/s for each beside torch eager (encoder + head) on the same batch.
+and prints images/s for each beside torch eager (encoder + head) on the same batch. ``--compare``
+times another model directory's fp32 graph on the same batch in the same run (e.g. a model trained
+with the default stacked encoders, against the shipped single-encoder one).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seconds", type=float, default=10)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "variants.json")
+    p.add_argument("--compare", type=Path, help="another model directory: its fp32 graph, same batch")
     args = p.parse_args(argv)
     model = load_model_dir(ROOT / "models" / "default")
     card = model.card
@@ -79,6 +82,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     result["images_per_s"]["torch eager fp32"] = throughput(eager, batch, args.seconds)
     torch_ips = result["images_per_s"]["torch eager fp32"]
+    if args.compare:
+        other = load_model_dir(args.compare)
+        session = ort.InferenceSession(str(other.onnx_path), providers=["CPUExecutionProvider"])
+        other_ips = throughput(lambda b: session.run(["probabilities"], {"images": b}), batch, args.seconds)
+        fp32_ips = result["images_per_s"]["onnxruntime fp32"]
+        result["compare"] = {
+            "model_dir": str(args.compare),
+            "encoder": other.card.encoder.id,
+            "size_mb": other.onnx_path.stat().st_size / 1e6,
+            "images_per_s": other_ips,
+            "time_ratio_vs_default_fp32": fp32_ips / other_ips,
+        }
     lines = [f"CPU, batch {args.batch}, {torch.get_num_threads()} threads, model {card.name}"]
     for name, ips in result["images_per_s"].items():
         extra = ""
@@ -90,6 +105,11 @@ def main(argv: list[str] | None = None) -> dict:
                 f"top-1 agreement {100 * par['top1_agreement']:.1f} %)"
             )
         lines.append(f"  {name:22s}: {ips:7.1f} images/s{extra}")
+    if args.compare:
+        lines.append(
+            f"  {other.card.name} ({other.card.encoder.id}, fp32, {result['compare']['size_mb']:.1f} MB): "
+            f"{other_ips:.1f} images/s, {fp32_ips / other_ips:.2f}x the time per image of {card.name} fp32"
+        )
     print("\n".join(lines))
     result["report"] = lines
     write_atomic(args.out, json.dumps(result, indent=1) + "\n")

@@ -126,3 +126,53 @@ def test_any_timm_model_by_name():
     encoder = build_encoder("timm:resnet18", random_init=True)
     assert encoder.embedding_dim == 512
     assert set(REGISTRY) >= {"ctranspath", "phikon", "uni", "h_optimus_0", "virchow2", "retccl", "lunit_dino"}
+
+
+def test_builtin_imagenet_efficientnet_lite2_maps_onto_timm():
+    """The Lite2 wheel's tensors land on timm's layout in order: the full network names real photos."""
+    import numpy as np
+    import skimage.data
+    import timm
+    from PIL import Image
+
+    from training.encoders import IMAGENET_MEAN, IMAGENET_STD, read_state_dict
+
+    encoder = build_encoder("efficientnet_lite2_ms")
+    assert encoder.embedding_dim == 1088  # mean+std of 24+48+120+352 channels
+    assert encoder.spec.input_size == 224 and encoder.feature_groups == (1088,)
+    net = timm.create_model("efficientnet_lite2", pretrained=False)  # with its ImageNet classifier
+    state = read_state_dict(encoder.spec.default_weights())
+    net.load_state_dict(dict(zip(net.state_dict(), state.values(), strict=True)))  # the registry's order mapping
+    assert torch.equal(net.conv_stem.weight, encoder.features.net.conv_stem.weight)
+    net.eval()
+    mean, std = torch.tensor(IMAGENET_MEAN)[:, None, None], torch.tensor(IMAGENET_STD)[:, None, None]
+    predicted = []
+    for name in ("chelsea", "coffee"):
+        image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB").resize((260, 260))
+        x = (torch.from_numpy(np.array(image)).permute(2, 0, 1).float() / 255 - mean) / std
+        with torch.no_grad():
+            predicted.append(int(net(x[None]).argmax()))
+    assert predicted == [285, 967]  # ImageNet "Egyptian cat", "espresso"
+
+
+def test_stack_concatenates_its_members_on_one_input():
+    stack = build_encoder("efficientnet_lite0_ms+efficientnet_lite2_ms")
+    lite0, lite2 = build_encoder("efficientnet_lite0_ms"), build_encoder("efficientnet_lite2_ms")
+    assert stack.feature_groups == (992, 1088) and stack.embedding_dim == 2080
+    assert stack.spec.name == "efficientnet_lite0_ms+efficientnet_lite2_ms"
+    assert stack.weights_sha256 not in (lite0.weights_sha256, lite2.weights_sha256)
+    assert stack.cache_key not in (lite0.cache_key, lite2.cache_key)
+    probe = _probe(stack)
+    assert torch.allclose(probe, torch.cat([_probe(lite0), _probe(lite2)], 1), atol=1e-5)
+    assert not any(p.requires_grad for p in stack.parameters())
+
+
+def test_stack_errors_name_the_members():
+    with pytest.raises(EncoderError, match="lunit_dino expects 224 px, mean .* stacked encoders share one input"):
+        build_encoder("efficientnet_lite0_ms+lunit_dino")
+    with pytest.raises(EncoderError, match="is a stack of encoders.*--weights FILE needs one encoder"):
+        build_encoder("efficientnet_lite0_ms+efficientnet_lite2_ms", "/some/file.pth")
+    with pytest.raises(EncoderError, match="two or more encoders"):
+        build_encoder("efficientnet_lite0_ms+")
+    with pytest.raises(EncoderError, match="unknown encoder 'no_such_net'"):
+        build_encoder("efficientnet_lite0_ms+no_such_net")

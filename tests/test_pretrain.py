@@ -93,6 +93,10 @@ def test_bad_inputs_are_clear_errors_before_training(tmp_path, capsys):
     assert "unknown encoder 'nope'" in _error(
         capsys, "--tiles", str(FIXTURES), "--out", str(tmp_path / "o3"), "--init", "nope"
     )
+    stack = "efficientnet_lite0_ms+efficientnet_lite2_ms"
+    assert "starts from one encoder, not a stack" in _error(
+        capsys, "--tiles", str(FIXTURES), "--out", str(tmp_path / "o3"), "--init", stack
+    )
 
     other = tmp_path / "o4"
     other.mkdir()

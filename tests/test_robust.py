@@ -13,7 +13,18 @@ from training.data import file_sha256, load_patches
 from training.embed import embed_files
 from training.encoders import build_encoder
 from training.noise import uniform_noise
-from training.robust import LOSSES, METHODS, SlideEnsemble, TrainConfig, fit_head, knn_clean, slide_groups, train_head
+from training.robust import (
+    LOSSES,
+    METHODS,
+    FeatureGroupEnsemble,
+    SlideEnsemble,
+    TrainConfig,
+    cross_slide_logits,
+    fit_head,
+    knn_clean,
+    slide_groups,
+    train_head,
+)
 
 FIXTURES = Path(__file__).parent / "fixtures" / "kather"
 
@@ -133,3 +144,31 @@ def test_slide_ensemble_averages_members_trained_without_their_slides():
     assert not isinstance(single.model, SlideEnsemble) and single.member_epochs is None
     with pytest.raises(ValueError, match="unknown ensemble"):
         fit_head(x[train], y[train], slides[train], x[val], y[val], 8, replace(config, ensemble="bagging"))
+
+
+def test_feature_groups_fit_one_ensemble_per_encoder_and_average_them():
+    """A stacked encoder's column blocks each get fit_head's slide ensemble, on those columns only."""
+    data = np.load(Path(__file__).parent / "fixtures" / "kather_embeddings.npz")
+    x, y, slides = data["embeddings"].astype(np.float32), data["labels"], data["slides"]
+    # two blocks: the Lite0 embedding's stage-1/2 statistics and its stage-3/4 statistics
+    groups = (128, 864)
+    train = ~np.isin(slides, ["CRC-Prim-HE-07", "CRC-Prim-HE-05"])
+    val = slides == "CRC-Prim-HE-05"
+    config = TrainConfig(knn_k=15, seed=0, ensemble_members=3, epochs=30)
+    stacked = fit_head(x[train], y[train], slides[train], x[val], y[val], 8, replace(config, feature_groups=groups))
+    model = stacked.model
+    assert isinstance(model, FeatureGroupEnsemble) and model.slices == [(0, 128), (128, 992)]
+    assert all(isinstance(m, SlideEnsemble) and len(m.members) == 3 for m in model.members)
+    assert len(stacked.member_epochs) == 6 and len(stacked.member_slides) == 6
+    # each block's ensemble is exactly what fit_head fits on those columns alone (same seed)
+    alone = fit_head(x[train][:, 128:], y[train], slides[train], x[val][:, 128:], y[val], 8, config).model
+    xt = torch.from_numpy(x[:20])
+    with torch.no_grad():
+        assert torch.allclose(model.members[1](xt[:, 128:]), alone(xt[:, 128:]), atol=1e-6)
+        mean = (torch.softmax(model.members[0](xt[:, :128]), 1) + torch.softmax(alone(xt[:, 128:]), 1)) / 2
+        assert torch.allclose(torch.softmax(model(xt), 1), mean, atol=1e-6)
+    # the cross-slide predictions the temperature is fitted on come from the same kind of model
+    idx, logp = cross_slide_logits(x[train], y[train], slides[train], 8, replace(config, feature_groups=groups))
+    assert logp.shape == (len(idx), 8) and np.allclose(np.exp(logp).sum(1), 1, atol=1e-5)
+    with pytest.raises(ValueError, match="do not cover 992"):
+        fit_head(x[train], y[train], slides[train], x[val], y[val], 8, replace(config, feature_groups=(100, 100)))

@@ -119,7 +119,7 @@ def test_exported_graph_matches_torch_at_batch_1_and_17(trained):
         emb = encoder(Normalize(encoder.spec.mean, encoder.spec.std)(torch.from_numpy(images))).numpy()
     for n in (1, 17):
         probs, embeddings, ood = session.run(None, {"images": images[:n]})
-        assert probs.shape == (n, len(card.classes)) and embeddings.shape == (n, 992) and ood.shape == (n,)
+        assert probs.shape == (n, len(card.classes)) and embeddings.shape == (n, 2080) and ood.shape == (n,)
         np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
         np.testing.assert_allclose(embeddings, emb[:n], atol=1e-4, rtol=1e-4)
 
@@ -159,6 +159,9 @@ def test_bad_inputs_fail_fast_with_the_file_named(tmp_path, capsys):
     weights = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(1)}, weights)
     err = _main_error(capsys, "--data", str(FIXTURES), "--out", out, "--weights", str(weights))
+    assert "is a stack of encoders" in err and "name it with --encoder" in err  # the default is a stack
+    lite0 = ("--encoder", "efficientnet_lite0_ms")
+    err = _main_error(capsys, "--data", str(FIXTURES), "--out", out, *lite0, "--weights", str(weights))
     assert str(weights) in err and "missing keys" in err and "unexpected keys (1): conv.weight" in err
     assert not (tmp_path / "out" / "report.json").exists()
 
@@ -203,3 +206,30 @@ def test_data_without_slide_ids_falls_back_to_the_validation_split_for_calibrati
     assert confidence["calibration"] == "transition" and "cross_slide" not in confidence
     assert confidence["temperature"] == confidence["transition_adjusted_temperature"]
     assert confidence["abstention"]["measured_on"].startswith("validation split")
+
+
+def test_default_stacks_two_encoders_in_one_graph_that_serves_their_mean(trained):
+    """The default encoder is a stack: both backbones and both heads in one graph, served like any model."""
+    from service.runtime import Runtime
+    from training.embed import Normalize, load_rgb_resized
+    from training.encoders import build_encoder
+    from training.export import HEAD_FILE, load_head
+    from training.robust import FeatureGroupEnsemble
+
+    out, _ = trained
+    card = load_model_dir(out).card
+    assert card.encoder.id == train.DEFAULT_ENCODER == "efficientnet_lite0_ms+efficientnet_lite2_ms"
+    assert card.encoder.embedding_dim == 2080 and card.head.members == 8
+    assert "slide ensemble of 4 per encoder, 2 encoders averaged" in card.description
+    head = load_head(out / HEAD_FILE, card.head.kind, len(card.classes))
+    assert isinstance(head, FeatureGroupEnsemble) and head.slices == [(0, 992), (992, 2080)]
+    images = np.stack([load_rgb_resized(p, 224) for p in sorted(FIXTURES.glob("*/*.webp"))[:9]])
+    served = Runtime(out).predict(images)
+    encoder = build_encoder(card.encoder.id)
+    with torch.no_grad():
+        emb = encoder(Normalize(encoder.spec.mean, encoder.spec.std)(torch.from_numpy(images)))
+        members = [torch.softmax(m(emb[:, a:b]), 1) for m, (a, b) in zip(head.members, head.slices, strict=True)]
+        mean = torch.stack(members).mean(0)
+        expected = torch.softmax(torch.log(mean) / card.calibration.temperature, 1).numpy()
+    np.testing.assert_allclose(served.probabilities, expected, atol=1e-4)
+    assert served.ood_scores.shape == (9,)

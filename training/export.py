@@ -53,21 +53,33 @@ def save_head(head: nn.Module, path: Path) -> None:
 def load_head(path: Path, kind: str, n_classes: int) -> nn.Module:
     from safetensors.torch import load_file
 
-    from training.heads import make_head
-    from training.robust import SlideEnsemble
-
     state = load_file(str(path))
-    if "0.mean" in state:
-        dim = state["0.mean"].shape[0]
-        head: nn.Module = make_head(kind, dim, n_classes, torch.zeros(dim), torch.ones(dim))
-    else:  # slide ensemble: members.<i>.<layer>...
-        dim = state["members.0.0.mean"].shape[0]
-        n_members = len({k.split(".")[1] for k in state})
-        head = SlideEnsemble(
-            [make_head(kind, dim, n_classes, torch.zeros(dim), torch.ones(dim)) for _ in range(n_members)]
-        )
+    head = _empty_head(state, kind, n_classes)
     head.load_state_dict(state)
     return head.eval()
+
+
+def _empty_head(state: dict[str, torch.Tensor], kind: str, n_classes: int) -> nn.Module:
+    """The module ``state`` was saved from: one head, a slide ensemble, or one of those per stacked encoder."""
+    from training.heads import make_head
+    from training.robust import FeatureGroupEnsemble, SlideEnsemble
+
+    if "groups" in state:  # FeatureGroupEnsemble: groups + members.<g>.<its own head>
+        groups = state["groups"].tolist()
+        members = []
+        for g in range(len(groups)):
+            prefix = f"members.{g}."
+            members.append(
+                _empty_head({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}, kind, n_classes)
+            )
+        return FeatureGroupEnsemble(members, groups)
+    if "0.mean" in state:
+        dim = state["0.mean"].shape[0]
+        return make_head(kind, dim, n_classes, torch.zeros(dim), torch.ones(dim))
+    # slide ensemble: members.<i>.<layer>...
+    dim = state["members.0.0.mean"].shape[0]
+    n_members = len({k.split(".")[1] for k in state})
+    return SlideEnsemble([make_head(kind, dim, n_classes, torch.zeros(dim), torch.ones(dim)) for _ in range(n_members)])
 
 
 class ServingGraph(nn.Module):

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from models.card import write_atomic
 from training.data import IMAGE_SUFFIXES, DataError
-from training.encoders import EncoderError, build_encoder, sha256_file, spec_for
+from training.encoders import STACK_SEPARATOR, EncoderError, build_encoder, sha256_file, spec_for
 
 log = logging.getLogger("histo_robust.pretrain")
 
@@ -179,6 +179,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     try:
+        if STACK_SEPARATOR in args.init:
+            raise EncoderError(f"--init {args.init}: pre-training starts from one encoder, not a stack")
         spec = spec_for(args.init)
         tiles = list_tiles(Path(args.tiles), min_side=min(args.image_size, 64) // 2)
         start = build_encoder(args.init, args.weights, random_init=args.from_scratch)

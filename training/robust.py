@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -93,6 +94,9 @@ class TrainConfig:
     ensemble: str = "slides"  # "slides": one head per group of training slides (fit_head); "single"
     ensemble_members: int = 5  # at most this many slide groups (members)
     seed: int = 0
+    # widths of the embedding's column blocks, one per stacked encoder (FrozenEncoder.feature_groups):
+    # with two or more, fit_head fits each block on its own and averages (FeatureGroupEnsemble)
+    feature_groups: tuple[int, ...] = ()
 
     def describe(self) -> str:
         return f"{self.method}+{self.loss}" + (" (slide ensemble)" if self.ensemble == "slides" else "")
@@ -122,6 +126,28 @@ class SlideEnsemble(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         probs = torch.stack([torch.softmax(m(x), dim=1) for m in self.members]).mean(0)
+        return torch.log(probs.clamp_min(1e-12))
+
+
+class FeatureGroupEnsemble(nn.Module):
+    """One head per stacked encoder, each on its own embedding columns; the mean of their probabilities.
+
+    Returned as log-probabilities, like :class:`SlideEnsemble`, so one temperature scales the mean.
+    """
+
+    def __init__(self, members: list[nn.Module], groups: tuple[int, ...] | list[int]) -> None:
+        super().__init__()
+        if len(members) != len(groups):
+            raise ValueError(f"{len(members)} heads for {len(groups)} feature groups")
+        self.members = nn.ModuleList(members)
+        self.register_buffer("groups", torch.tensor(list(groups), dtype=torch.long))
+        bounds = np.cumsum([0, *groups]).tolist()
+        self.slices = list(zip(bounds[:-1], bounds[1:], strict=True))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack(
+            [torch.softmax(m(x[:, a:b]), dim=1) for m, (a, b) in zip(self.members, self.slices, strict=True)]
+        ).mean(0)
         return torch.log(probs.clamp_min(1e-12))
 
 
@@ -274,6 +300,8 @@ def fit_head(
     """
     if config.ensemble not in ENSEMBLES:
         raise ValueError(f"unknown ensemble {config.ensemble!r}; choose from {', '.join(ENSEMBLES)}")
+    if len(config.feature_groups) > 1:
+        return _fit_feature_groups(x_train, y_train, slides_train, x_val, y_val, n_classes, config)
     slides_train = np.asarray(slides_train)
     groups = slide_groups(slides_train, config.ensemble_members) if config.ensemble == "slides" else []
     if len(groups) < 3:
@@ -303,6 +331,40 @@ def fit_head(
         estimated_noise,
         member_epochs=epochs,
         member_slides=groups,
+    )
+
+
+def _fit_feature_groups(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    slides_train: list[str] | np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    n_classes: int,
+    config: TrainConfig,
+) -> TrainResult:
+    """:func:`fit_head` on each stacked encoder's columns (its own kNN cleaning too), then averaged.
+
+    The labels and best epoch reported are the first encoder's; the slide-ensemble member lists run
+    over every block.
+    """
+    if sum(config.feature_groups) != x_train.shape[1]:
+        raise ValueError(f"feature groups {config.feature_groups} do not cover {x_train.shape[1]} embedding columns")
+    single = dataclasses.replace(config, feature_groups=())
+    bounds = np.cumsum([0, *config.feature_groups])
+    results = [
+        fit_head(x_train[:, a:b], y_train, slides_train, x_val[:, a:b], y_val, n_classes, single)
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+    ]
+    first = results[0]
+    return TrainResult(
+        FeatureGroupEnsemble([r.model for r in results], config.feature_groups).eval(),
+        first.train_labels,
+        first.best_epoch,
+        first.history,
+        first.estimated_noise,
+        member_epochs=[e for r in results for e in r.member_epochs or []] or None,
+        member_slides=[g for r in results for g in r.member_slides or []] or None,
     )
 
 
