@@ -54,6 +54,7 @@ class EncoderSpec:
 
 
 REGISTRY: dict[str, EncoderSpec] = {}
+STACK_SEPARATOR = "+"  # "a+b": encoders a and b side by side (EncoderStack)
 
 
 def register(spec: EncoderSpec) -> EncoderSpec:
@@ -114,7 +115,7 @@ class EncoderStack(nn.Module):
 
     Why: the heads trained on each encoder's columns err differently on a slide none of them saw,
     and the mean of their probabilities is better calibrated there than either alone
-    (benchmarks/confidence.py, README "Confidence").
+    (benchmarks/confidence.py, README "Confidences you can act on").
     """
 
     def __init__(self, members: list[nn.Module]) -> None:
@@ -608,9 +609,6 @@ def build_encoder(name: str, weights: str | Path | None = None, *, random_init: 
     return FrozenEncoder(spec, features, sha)
 
 
-STACK_SEPARATOR = "+"
-
-
 def stack_spec(name: str) -> EncoderSpec:
     """The spec of ``a+b``: members must agree on the input (size, normalisation), which the graph shares."""
     names = [n.strip() for n in name.split(STACK_SEPARATOR)]
@@ -642,6 +640,6 @@ def _build_stack(name: str, random_init: bool) -> FrozenEncoder:
     spec = stack_spec(name)
     members = [build_encoder(n, random_init=random_init) for n in spec.extra["members"]]
     hashes = [m.weights_sha256 for m in members]
-    sha = None if None in hashes else hashlib.sha256(" ".join(hashes).encode()).hexdigest()  # type: ignore[arg-type]
+    sha = None if None in hashes else hashlib.sha256(" ".join(map(str, hashes)).encode()).hexdigest()
     features = EncoderStack([m.features for m in members])
     return FrozenEncoder(spec, features, sha, tuple(m.embedding_dim for m in members))
