@@ -379,11 +379,11 @@ def main(argv: list[str] | None = None) -> dict:
             for r in shifts
         ],
     ]
-    seed0 = by_seed[0]
+    seed0 = by_seed[seeds[0]]
     y0 = np.concatenate([r["_arrays"][1] for r in seed0])
     pictures = {}
     for key, title in (("none", "no temperature"), ("served", "as served"), ("oracle", "oracle temperature per pair")):
-        pictures[f"{title}, pooled held-out pairs, seed 0"] = (
+        pictures[f"{title}, pooled held-out pairs, seed {seeds[0]}"] = (
             np.concatenate([softmax(r["_arrays"][0], r["temperatures"][key]) for r in seed0]),
             y0,
         )

@@ -88,18 +88,20 @@ def test_wsi_benchmark_on_two_small_slides(tmp_path):
     assert (tmp_path / "wsi.txt").read_text().splitlines() == result["report"]
 
 
-def _run_on_fixture_pair(name: str, tmp_path: Path, monkeypatch) -> dict:
+def _run_on_fixture_pair(name: str, tmp_path: Path, monkeypatch, *extra: str) -> dict:
     """One benchmark on the fixture tiles: slides 01 and 07 held out, one seed, a private cache."""
     monkeypatch.setenv("HISTO_CACHE_DIR", str(tmp_path / "cache"))
     data = str(ROOT / "tests" / "fixtures" / "kather")
     pair = "CRC-Prim-HE-01,CRC-Prim-HE-07"
-    return _load(name).main(["--data", data, "--holdout-slides", pair, "--seeds", "1", "--out", str(tmp_path)])
+    args = ["--data", data, "--holdout-slides", pair, "--seeds", "1", "--out", str(tmp_path), *extra]
+    return _load(name).main(args)
 
 
 def test_confidence_benchmark_on_a_tiny_subset(tmp_path, monkeypatch):
     """Train, serve through onnxruntime and measure, one held-out pair, one seed: the plumbing."""
-    result = _run_on_fixture_pair("confidence", tmp_path, monkeypatch)
+    result = _run_on_fixture_pair("confidence", tmp_path, monkeypatch, "--first-seed", "2")
     run = result["runs"][0]
+    assert run["seed"] == 2 and result["first_seed"] == 2  # more seeds later without repeating these
     assert run["n_test"] == 25 and run["calibration"].startswith("temperature through the anchor-point")
     served = result["ece_summary"]["served"]
     assert served["per_pair"]["CRC-Prim-HE-01,CRC-Prim-HE-07"] == run["ece"]["served"]
