@@ -119,7 +119,7 @@ def test_exported_graph_matches_torch_at_batch_1_and_17(trained):
         emb = encoder(Normalize(encoder.spec.mean, encoder.spec.std)(torch.from_numpy(images))).numpy()
     for n in (1, 17):
         probs, embeddings, ood = session.run(None, {"images": images[:n]})
-        assert probs.shape == (n, len(card.classes)) and embeddings.shape == (n, 2080) and ood.shape == (n,)
+        assert probs.shape == (n, len(card.classes)) and embeddings.shape == (n, 992) and ood.shape == (n,)
         np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
         np.testing.assert_allclose(embeddings, emb[:n], atol=1e-4, rtol=1e-4)
 
@@ -159,9 +159,6 @@ def test_bad_inputs_fail_fast_with_the_file_named(tmp_path, capsys):
     weights = tmp_path / "other.pth"
     torch.save({"conv.weight": torch.zeros(1)}, weights)
     err = _main_error(capsys, "--data", str(FIXTURES), "--out", out, "--weights", str(weights))
-    assert "is a stack of encoders" in err and "name it with --encoder" in err  # the default is a stack
-    lite0 = ("--encoder", "efficientnet_lite0_ms")
-    err = _main_error(capsys, "--data", str(FIXTURES), "--out", out, *lite0, "--weights", str(weights))
     assert str(weights) in err and "missing keys" in err and "unexpected keys (1): conv.weight" in err
     assert not (tmp_path / "out" / "report.json").exists()
 
@@ -208,18 +205,21 @@ def test_data_without_slide_ids_falls_back_to_the_validation_split_for_calibrati
     assert confidence["abstention"]["measured_on"].startswith("validation split")
 
 
-def test_default_stacks_two_encoders_in_one_graph_that_serves_their_mean(trained):
-    """The default encoder is a stack: both backbones and both heads in one graph, served like any model."""
+def test_stacked_encoders_export_one_graph_that_serves_their_mean(tmp_path):
+    """``--encoder a+b``: both backbones and both heads in one graph, served like any model."""
     from service.runtime import Runtime
     from training.embed import Normalize, load_rgb_resized
     from training.encoders import build_encoder
     from training.export import HEAD_FILE, load_head
     from training.robust import FeatureGroupEnsemble
 
-    out, _ = trained
+    out = tmp_path / "stack"
+    stack = "efficientnet_lite0_ms+efficientnet_lite2_ms"
+    small = ["--knn-k", "5", "--epochs", "10", "--cache-dir", str(tmp_path / "cache"), "--holdout-slides"]
+    train.main(["--data", str(FIXTURES), "--out", str(out), "--encoder", stack, *small, "CRC-Prim-HE-07"])
     card = load_model_dir(out).card
-    assert card.encoder.id == train.DEFAULT_ENCODER == "efficientnet_lite0_ms+efficientnet_lite2_ms"
-    assert card.encoder.embedding_dim == 2080 and card.head.members == 8
+    assert card.encoder.id == stack and card.encoder.embedding_dim == 2080 and card.head.members == 8
+    assert card.parity.passed and card.parity.max_abs_diff <= 1e-4
     assert "slide ensemble of 4 per encoder, 2 encoders averaged" in card.description
     head = load_head(out / HEAD_FILE, card.head.kind, len(card.classes))
     assert isinstance(head, FeatureGroupEnsemble) and head.slices == [(0, 992), (992, 2080)]
