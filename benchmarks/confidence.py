@@ -25,6 +25,7 @@ Writes ``benchmarks/results/confidence.{md,json}`` and ``confidence.png`` (relia
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import sys
 import tempfile
@@ -40,6 +41,7 @@ from service.runtime import Runtime
 from training import train
 from training.calibration import ece_floor, expected_calibration_error, fit_temperature, reliability_diagram, softmax
 from training.data import load_patches
+from training.embed import default_cache_dir
 from training.metrics import auroc
 from training.slide_shift import slide_disagreements
 
@@ -91,6 +93,37 @@ def ood_sets(tiles: list[Path], seed: int) -> dict[str, list[Image.Image]]:
             draw.line([a, b], fill=colour, width=int(rng.integers(12, 30)))
         pen.append(image)
     return {"ihc": ihc, "natural photographs": natural, "blurred H&E": blurred, "pen-marked H&E": pen}
+
+
+def measure_once(args: argparse.Namespace, holdout: str, seed: int, model_dir: Path) -> dict:
+    """:func:`measure`, each run kept beside the embedding cache (``confidence-runs/``).
+
+    A rerun, after a crash or with more seeds, reuses every run already measured with the same data,
+    encoder, noise, pair and seed by the same code; any edit to the project's Python sources measures
+    anew.
+    """
+    key = json.dumps([str(Path(args.data).resolve()), args.encoder, args.noise, holdout, seed, _code_version()])
+    stem = default_cache_dir().parent / "confidence-runs" / hashlib.sha256(key.encode()).hexdigest()[:16]
+    if stem.with_suffix(".json").is_file() and stem.with_suffix(".npz").is_file():
+        run = json.loads(stem.with_suffix(".json").read_text())
+        with np.load(stem.with_suffix(".npz")) as arrays:
+            run["_arrays"] = (arrays["logits"], arrays["labels"])
+        print(f"reusing the measured run {holdout} seed {seed} ({stem.with_suffix('.json')})")
+        return run
+    run = measure(args, holdout, seed, model_dir)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(stem.with_suffix(".npz"), logits=run["_arrays"][0], labels=run["_arrays"][1])
+    write_atomic(stem.with_suffix(".json"), json.dumps({k: v for k, v in run.items() if k != "_arrays"}) + "\n")
+    return run
+
+
+def _code_version() -> str:
+    root = Path(__file__).resolve().parents[1]
+    digest = hashlib.sha256()
+    for path in sorted([*root.glob("training/*.py"), *root.glob("models/*.py"), *root.glob("service/*.py")]):
+        digest.update(path.read_bytes())
+    digest.update(Path(__file__).read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def measure(args: argparse.Namespace, holdout: str, seed: int, model_dir: Path) -> dict:
@@ -250,7 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         for pair in pairs:
             for seed in seeds:
-                runs.append(measure(args, pair, seed, Path(tmp) / f"model-{len(runs)}"))
+                runs.append(measure_once(args, pair, seed, Path(tmp) / f"model-{len(runs)}"))
     by_pair = {pair: [r for r in runs if r["holdout"] == pair] for pair in pairs}
     by_seed = {seed: [r for r in runs if r["seed"] == seed] for seed in seeds}
     pooled = {key: [pooled_ece(rs, key) for rs in by_seed.values()] for key in CALIBRATIONS}

@@ -116,6 +116,10 @@ def test_confidence_benchmark_on_a_tiny_subset(tmp_path, monkeypatch):
     assert "Encoder: `efficientnet_lite0_ms`" in (tmp_path / "confidence.md").read_text()
     assert "| **as served**" in (tmp_path / "confidence.md").read_text()
     assert (tmp_path / "confidence.png").stat().st_size > 0
+    # a rerun reuses the measured run (kept in the cache folder) and summarises it the same way
+    again = _run_on_fixture_pair("confidence", tmp_path, monkeypatch, "--first-seed", "2")
+    assert json.dumps(again, sort_keys=True) == json.dumps(result, sort_keys=True)
+    assert len(list((tmp_path / "cache" / "confidence-runs").glob("*.npz"))) == 1
 
 
 def test_calibration_limits_on_a_tiny_subset(tmp_path, monkeypatch):
