@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.compare:
         lines.append(
             f"  {other.card.name} ({other.card.encoder.id}, fp32, {result['compare']['size_mb']:.1f} MB): "
-            f"{other_ips:.1f} images/s, {fp32_ips / other_ips:.2f}x the time per image of {card.name} fp32"
+            f"{other_ips:.1f} images/s, {result['compare']['time_ratio_vs_default_fp32']:.2f}x the time per image "
+            f"of {card.name} fp32"
         )
     print("\n".join(lines))
     result["report"] = lines

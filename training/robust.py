@@ -300,8 +300,16 @@ def fit_head(
     """
     if config.ensemble not in ENSEMBLES:
         raise ValueError(f"unknown ensemble {config.ensemble!r}; choose from {', '.join(ENSEMBLES)}")
-    if len(config.feature_groups) > 1:
-        return _fit_feature_groups(x_train, y_train, slides_train, x_val, y_val, n_classes, config)
+    if len(config.feature_groups) > 1:  # a stack of encoders: this fit on each encoder's columns, averaged
+        if sum(config.feature_groups) != x_train.shape[1]:
+            raise ValueError(f"feature groups {config.feature_groups} do not cover {x_train.shape[1]} columns")
+        single = dataclasses.replace(config, feature_groups=())
+        bounds = np.cumsum([0, *config.feature_groups])
+        results = [
+            fit_head(x_train[:, a:b], y_train, slides_train, x_val[:, a:b], y_val, n_classes, single)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)
+        ]
+        return _average_feature_groups(results, config.feature_groups)
     slides_train = np.asarray(slides_train)
     groups = slide_groups(slides_train, config.ensemble_members) if config.ensemble == "slides" else []
     if len(groups) < 3:
@@ -334,31 +342,15 @@ def fit_head(
     )
 
 
-def _fit_feature_groups(
-    x_train: np.ndarray,
-    y_train: np.ndarray,
-    slides_train: list[str] | np.ndarray,
-    x_val: np.ndarray,
-    y_val: np.ndarray,
-    n_classes: int,
-    config: TrainConfig,
-) -> TrainResult:
-    """:func:`fit_head` on each stacked encoder's columns (its own kNN cleaning too), then averaged.
+def _average_feature_groups(results: list[TrainResult], groups: tuple[int, ...]) -> TrainResult:
+    """One :class:`TrainResult` for the per-encoder fits (each with its own kNN cleaning) of a stack.
 
     The labels and best epoch reported are the first encoder's; the slide-ensemble member lists run
     over every block.
     """
-    if sum(config.feature_groups) != x_train.shape[1]:
-        raise ValueError(f"feature groups {config.feature_groups} do not cover {x_train.shape[1]} embedding columns")
-    single = dataclasses.replace(config, feature_groups=())
-    bounds = np.cumsum([0, *config.feature_groups])
-    results = [
-        fit_head(x_train[:, a:b], y_train, slides_train, x_val[:, a:b], y_val, n_classes, single)
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True)
-    ]
     first = results[0]
     return TrainResult(
-        FeatureGroupEnsemble([r.model for r in results], config.feature_groups).eval(),
+        FeatureGroupEnsemble([r.model for r in results], groups).eval(),
         first.train_labels,
         first.best_epoch,
         first.history,
