@@ -24,6 +24,8 @@ _MICRONS_PER_UNIT = {"centimeter": 10_000.0, "inch": 25_400.0}
 # A thumbnail is read in horizontal strips of at most this many level pixels, so a slide without a
 # small pyramid level (a single-level tiled TIFF, say) never needs its whole level in memory.
 _STRIP_PIXELS = 4 * 1024 * 1024
+# A tile is kept when at least this share of it is tissue (the slide job's --min-tissue default).
+DEFAULT_MIN_TISSUE = 0.5
 
 
 class SlideError(RuntimeError):
@@ -215,6 +217,23 @@ def tile_grid(
     rows, cols = np.nonzero(fraction >= min_tissue)  # row-major, like reading order
     coords = np.stack([xs[cols], ys[rows]], axis=1).reshape(-1, 2)
     return TileGrid(side, level, level_ds, read_size, coords, fraction[rows, cols], len(xs) * len(ys))
+
+
+def tissue_tiles(
+    slide: openslide.OpenSlide,
+    level0_mpp: float,
+    target_mpp: float,
+    patch_pixels: int,
+    min_tissue: float = DEFAULT_MIN_TISSUE,
+) -> tuple[np.ndarray, float, TileGrid]:
+    """Tissue mask, its downsample and the tile grid: the one way tiles are cut from a slide.
+
+    The slide job classifies these tiles and training cuts its annotation tiles with this same
+    function, so a model trained on annotations sees the pixels the slide job later feeds it.
+    """
+    mask, mask_downsample = tissue_mask(slide)
+    grid = tile_grid(slide, level0_mpp, target_mpp, patch_pixels, mask, mask_downsample, min_tissue)
+    return mask, mask_downsample, grid
 
 
 def read_tile(slide: openslide.OpenSlide, x: int, y: int, level: int, read_size: int, input_size: int) -> np.ndarray:

@@ -40,6 +40,7 @@ from service.outputs import TileTable, write_geojson, write_heatmap, write_summa
 from service.reader_processes import ReaderProcesses
 from service.runtime import Prediction, Runtime
 from service.slides import (
+    DEFAULT_MIN_TISSUE,
     SLIDE_SUFFIXES,
     SlideError,
     TileGrid,
@@ -47,8 +48,7 @@ from service.slides import (
     open_slide,
     read_thumbnail,
     slide_mpp,
-    tile_grid,
-    tissue_mask,
+    tissue_tiles,
 )
 
 log = logging.getLogger("histo_robust.wsi")
@@ -58,7 +58,6 @@ JOB = ".job.json"
 LOCK = ".lock"
 OUTPUT_FILES = ("tiles.csv", "predictions.geojson", "heatmap.png", "summary.json")
 FAILURES = "failures.json"
-DEFAULT_MIN_TISSUE = 0.5
 _CORES = os.cpu_count() or 1
 # Tile readers, measured on a 16-core H200 host (benchmarks/device/readers.py, one OpenSlide handle
 # each). Threads: 816 tiles/s with 1, 2,365 with 4, 3,600 with 8, then fewer (2,882 with 12, 2,487
@@ -228,9 +227,8 @@ class PreparedSlide:
 
 def _prepare(slide: openslide.OpenSlide, runtime: Runtime, level0_mpp: float, min_tissue: float) -> PreparedSlide:
     t0 = time.perf_counter()
-    mask, mask_ds = tissue_mask(slide)
     card = runtime.card
-    grid = tile_grid(slide, level0_mpp, card.mpp, card.patch_size_pixels, mask, mask_ds, min_tissue)
+    mask, mask_ds, grid = tissue_tiles(slide, level0_mpp, card.mpp, card.patch_size_pixels, min_tissue)
     return PreparedSlide(mask, mask_ds, grid, time.perf_counter() - t0)
 
 
