@@ -1,0 +1,1 @@
+"""The ``histo-robust`` command line (see :mod:`histo_robust.cli`)."""
