@@ -40,6 +40,18 @@ def open_slide(path: Path) -> openslide.OpenSlide:
         raise SlideError(f"{path}: cannot open with OpenSlide ({type(exc).__name__}: {exc})") from None
 
 
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files as given, folders as their slide files (by suffix, not recursive), in sorted order."""
+    slides: list[Path] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            slides += sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+        else:
+            slides.append(path)
+    return slides
+
+
 def _positive_float(value: str | None) -> float | None:
     try:
         number = float(value) if value not in (None, "") else None

@@ -45,6 +45,7 @@ from service.slides import (
     SlideError,
     TileGrid,
     TileReader,
+    expand_inputs,
     open_slide,
     read_thumbnail,
     slide_mpp,
@@ -525,18 +526,6 @@ def _write_outputs(slide: openslide.OpenSlide, path: Path, card: ModelCard, tabl
         table,
         f"{path.name}: {card.name}, {len(table)} tissue tiles of {card.patch_size_um:.0f} microns",
     )
-
-
-def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given, folders as their slide files (by suffix, not recursive), in sorted order."""
-    slides: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            slides += sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
-        else:
-            slides.append(path)
-    return slides
 
 
 def run_job(
