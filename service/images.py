@@ -10,11 +10,12 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 # A histology patch is a few hundred pixels a side; 50 MPix is generous and stops bombs early.
 MAX_PIXELS = 50_000_000
 ALLOWED_FORMATS = {"PNG", "JPEG", "TIFF", "WEBP", "BMP"}
+_ORIENTATION = 0x0112  # EXIF tag
 SAFE_MODES = {"RGB", "RGBA", "L", "LA", "P", "PA", "CMYK", "I;16", "I;16B", "I;16L", "I", "1"}
 
 
@@ -78,6 +79,13 @@ def load_rgb(data: bytes, name: str, input_size: int, min_side: int) -> np.ndarr
             f"(minimum side {min_side} px)",
             422,
         )
+    if image.getexif().get(_ORIENTATION, 1) != 1:
+        # a photo taken with the camera turned stores its pixels unrotated plus this tag; viewers
+        # (and the pathologist) see the patch turned, so the model must see it the same way
+        try:
+            image = ImageOps.exif_transpose(image)
+        except (OSError, ValueError, SyntaxError) as exc:
+            raise BadImage(f"{name}: corrupt EXIF orientation ({exc})", 422) from None
     rgb = _to_rgb(image, name)
     if rgb.size != (input_size, input_size):
         rgb = rgb.resize((input_size, input_size), Image.BILINEAR)

@@ -12,7 +12,9 @@ environment, so nothing is edited to tune a deployment:
 
 ``HISTO_MODEL_DIR`` (models/default) · ``HISTO_DEVICE`` (auto|cpu|cuda) · ``HISTO_MAX_BATCH_SIZE``
 (64) · ``HISTO_MAX_LATENCY_MS`` (10000) · ``HISTO_BATCHING`` (1; 0 turns batching off) ·
-``HISTO_MAX_IMAGES`` (64 per request) · ``HISTO_MAX_BODY_MB`` (32) · ``HISTO_THREADS`` (0 = all
+``HISTO_MAX_IMAGES`` (64 per request) · ``HISTO_MAX_BODY_MB`` (32) · ``HISTO_MAX_SLIDE_MB`` (4096) ·
+``HISTO_BODY_TIMEOUT_S`` (30) · ``HISTO_SLIDE_BODY_TIMEOUT_S`` (1800) · ``HISTO_BODY_IDLE_S`` (10) ·
+``HISTO_MAX_CONCURRENCY`` (256; see :mod:`service.request_guard`) · ``HISTO_THREADS`` (0 = all
 cores) · ``HISTO_API_WORKERS`` (auto) · ``HISTO_INFERENCE_WORKERS`` (1) · ``HISTO_CUDA_OPTIONS``
 (onnxruntime CUDA provider options) · ``HISTO_ABSTAIN_THRESHOLD`` / ``HISTO_OOD_THRESHOLD``
 (override the card's).
@@ -36,6 +38,7 @@ from starlette.routing import Route
 from models.card import ModelLoadError, load_model_dir
 from service.coalesce import Coalescer
 from service.images import BadImage, load_rgb
+from service.request_guard import SLIDE_BODY_TIMEOUT_S, RequestGuard, sweep_uploads, upload_path
 from service.runtime import Runtime, model_dir_from_env, serving_thresholds
 from service.schemas import ClassifyResponse, ErrorBody, PatchResult, SlideResult
 
@@ -47,7 +50,6 @@ MAX_BATCH_SIZE = int(os.environ.get("HISTO_MAX_BATCH_SIZE", "64"))
 MAX_LATENCY_MS = int(os.environ.get("HISTO_MAX_LATENCY_MS", "10000"))
 BATCHING = os.environ.get("HISTO_BATCHING", "1") != "0"
 MAX_IMAGES = int(os.environ.get("HISTO_MAX_IMAGES", "64"))
-MAX_BODY_BYTES = int(float(os.environ.get("HISTO_MAX_BODY_MB", "32")) * 1024 * 1024)
 # Front-end processes (multipart parsing, image decoding, JSON): one caps HTTP at about 150 images/s
 # whatever the machine (measured on 16 cores); the inference service stays one process, so requests
 # from every front worker still meet in one batch.
@@ -72,70 +74,6 @@ def _load_model_or_exit():
 
 def _error(status: int, kind: str, detail: str, index: int | None = None) -> JSONResponse:
     return JSONResponse(ErrorBody(error=kind, detail=detail, index=index).model_dump(), status_code=status)
-
-
-_FIELD = re.compile(rb'content-disposition:[^\r\n]*?\bname="([^"]*)"', re.IGNORECASE)
-
-
-class RequestGuard:
-    """ASGI middleware in front of BentoML's parser: body size and form fields, answered as 4xx.
-
-    The body is read once (bounded by ``HISTO_MAX_BODY_MB``: 413 beyond), the multipart field
-    names are checked (anything but ``images`` is a 422 that names the expected field: BentoML
-    would otherwise try to JSON-decode a stray binary part and answer 500), then the body is
-    replayed to the application unchanged.
-    """
-
-    def __init__(self, app, max_bytes: int = MAX_BODY_BYTES) -> None:
-        self.app, self.max_bytes = app, max_bytes
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and scope.get("path") == "/model":  # the mounted app lives at /model/
-            scope = {**scope, "path": "/model/", "raw_path": b"/model/"}
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") != "/classify":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        declared = headers.get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            return await self._too_big(scope, receive, send)
-        chunks, size, more = [], 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                return await self._too_big(scope, receive, send)
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        content_type = headers.get(b"content-type", b"").lower()
-        if not content_type.startswith(b"multipart/form-data"):
-            return await _error(
-                415, "not_multipart", "send patches as multipart/form-data files in the field 'images'"
-            )(scope, receive, send)
-        fields = {m.decode("latin-1") for m in _FIELD.findall(body)}
-        if fields - {"images"} or not fields:
-            detail = f"unexpected form field(s) {sorted(fields - {'images'})}; " if fields - {"images"} else ""
-            return await _error(422, "bad_form", detail + "send the patches as files in the form field 'images'")(
-                scope, receive, send
-            )
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        return await self.app(scope, replay, send)
-
-    async def _too_big(self, scope, receive, send):
-        return await _error(
-            413, "body_too_large", f"request body over the {self.max_bytes} byte limit (HISTO_MAX_BODY_MB)"
-        )(scope, receive, send)
 
 
 @bentoml.service(
@@ -184,7 +122,12 @@ _model_app = Starlette(routes=[Route("/", _model_card, methods=["GET"])])
 
 
 @bentoml.asgi_app(_model_app, path="/model")
-@bentoml.service(name="histo_classifier", workers=API_WORKERS, traffic={"timeout": 120, "max_concurrency": 256})
+# No max_concurrency here: BentoML would count a request from its first byte, so clients that stall
+# mid-body would hold every slot; RequestGuard counts HISTO_MAX_CONCURRENCY from the body's last
+# byte instead. The timeout covers a whole slide upload (the guard's own deadlines are shorter).
+@bentoml.service(
+    name="histo_classifier", workers=API_WORKERS, traffic={"timeout": max(120, int(SLIDE_BODY_TIMEOUT_S) + 60)}
+)
 class HistoClassifier:
     """POST /classify (multipart field ``images``), GET /model; /livez, /readyz, /metrics as usual."""
 
@@ -192,6 +135,8 @@ class HistoClassifier:
 
     def __init__(self) -> None:
         model = _load_model_or_exit()
+        if removed := sweep_uploads():
+            log.info("removed %d slide uploads left by an earlier run", removed)
         self.model = model
         self._slide_runtime: Runtime | None = None  # created on the first slide task
         self.card = model.card
@@ -256,16 +201,23 @@ class HistoClassifier:
         from service.slides import SlideError
         from service.wsi import classify_slide
 
+        # RequestGuard streamed the slide to a private file and sent its token in the slide's place
+        upload = upload_path(Path(slide).read_text(errors="replace")[:64])
+        if upload is None or not upload.is_file():
+            raise bentoml.exceptions.InvalidArgument("the slide upload is no longer available; submit it again")
         if self._slide_runtime is None:
             self._slide_runtime = Runtime(self.model, spinning=False)
-        with tempfile.TemporaryDirectory() as tmp:
-            named = Path(tmp) / _client_name(slide)  # OpenSlide picks its driver by the file name's suffix
-            named.symlink_to(Path(slide).resolve())
-            try:
-                summary = classify_slide(named, self._slide_runtime, Path(tmp) / "out", mpp=mpp, progress=False)
-            except SlideError as exc:
-                raise bentoml.exceptions.InvalidArgument(str(exc).replace(str(named), named.name)) from None
-            geojson = json.loads((Path(tmp) / "out" / "predictions.geojson").read_text())
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                named = Path(tmp) / _client_name(slide)  # OpenSlide picks its driver by the file name's suffix
+                named.symlink_to(upload)
+                try:
+                    summary = classify_slide(named, self._slide_runtime, Path(tmp) / "out", mpp=mpp, progress=False)
+                except SlideError as exc:
+                    raise bentoml.exceptions.InvalidArgument(str(exc).replace(str(named), named.name)) from None
+                geojson = json.loads((Path(tmp) / "out" / "predictions.geojson").read_text())
+        finally:
+            upload.unlink(missing_ok=True)  # the task's end, whatever it was
         summary.pop("job", None)
         summary["slide"] = named.name
         return SlideResult(summary=summary, geojson=geojson)
@@ -302,4 +254,12 @@ class _IndexedBadImage(Exception):
         self.bad, self.index, self.status = bad, index, bad.status
 
 
-HistoClassifier.add_asgi_middleware(RequestGuard)
+def _slide_suffixes() -> frozenset[str]:
+    from service.slides import SLIDE_SUFFIXES
+
+    return frozenset(SLIDE_SUFFIXES)
+
+
+HistoClassifier.add_asgi_middleware(
+    RequestGuard, max_images=MAX_IMAGES, workers=API_WORKERS, slide_suffixes=_slide_suffixes()
+)
