@@ -69,6 +69,14 @@ class HeadInfo(_Strict):
     hyperparameters: dict[str, Any] = Field(default_factory=dict)
 
 
+class CorrectionsFile(_Strict):
+    """A reviewer's corrections.csv applied to the training labels (``train.py --corrections``)."""
+
+    file: str
+    sha256: str
+    rows: int
+
+
 class DataSummary(_Strict):
     source: str
     n_train: int
@@ -77,6 +85,7 @@ class DataSummary(_Strict):
     injected_noise: str | None = None
     data_sha256: str | None = Field(None, description="sha256 over the sorted (path, label, file sha256) list.")
     licence: str | None = None
+    corrections: list[CorrectionsFile] = Field(default_factory=list)
 
 
 class ParityResult(_Strict):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -29,19 +30,23 @@ def write_suspects(
     scores: np.ndarray,
     classes: list[str],
     root: Path | None = None,
+    probs: np.ndarray | None = None,
 ) -> np.ndarray:
     """Write ``suspects.csv`` sorted by score (highest first); returns the order.
 
     Paths are written relative to ``root`` (the dataset folder or CSV's folder) when given, so
-    the file stays valid when the dataset moves and leaks no local directory layout.
+    the file stays valid when the dataset moves and leaks no local directory layout. ``probs``
+    adds one ``p:<class>`` column per class (the calibrated probabilities the review page shows).
     """
     order = np.argsort(-scores, kind="stable")
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["rank", "path", "given_label", "suggested_label", "score"])
+    prob_columns = [f"p:{c}" for c in classes] if probs is not None else []
+    writer.writerow(["rank", "path", "given_label", "suggested_label", "score", *prob_columns])
     for rank, i in enumerate(order, start=1):
         shown = paths[i].relative_to(root) if root is not None and paths[i].is_relative_to(root) else paths[i]
-        writer.writerow([rank, str(shown), classes[given[i]], classes[suggested[i]], f"{scores[i]:.4f}"])
+        p = [f"{v:.4f}" for v in probs[i]] if probs is not None else []
+        writer.writerow([rank, str(shown), classes[given[i]], classes[suggested[i]], f"{scores[i]:.4f}", *p])
     write_atomic(path, buffer.getvalue())
     return order
 
@@ -57,8 +62,12 @@ def contact_sheet(
     top: int = 48,
     columns: int = 8,
     thumb: int = 128,
+    load: Callable[[int, int], np.ndarray] | None = None,
 ) -> None:
-    """A PNG grid of the top suspects, each captioned "given → suggested (score)"."""
+    """A PNG grid of the top suspects, each captioned "given → suggested (score)".
+
+    ``load(i, size)`` gives the pixels of item ``i`` where there is no image file (slide tiles).
+    """
     chosen = [i for i in order[:top] if given[i] != suggested[i]] or list(order[:top])
     rows = max(1, (len(chosen) + columns - 1) // columns)
     caption = 28
@@ -66,8 +75,11 @@ def contact_sheet(
     draw = ImageDraw.Draw(sheet)
     for n, i in enumerate(chosen):
         x, y = (n % columns) * thumb, (n // columns) * (thumb + caption)
-        with Image.open(paths[i]) as image:
-            sheet.paste(image.convert("RGB").resize((thumb, thumb)), (x, y))
+        if load is not None:
+            sheet.paste(Image.fromarray(load(i, thumb)), (x, y))
+        else:
+            with Image.open(paths[i]) as image:
+                sheet.paste(image.convert("RGB").resize((thumb, thumb)), (x, y))
         draw.text((x + 2, y + thumb + 1), f"{classes[given[i]][:16]}", fill=(180, 0, 0))
         draw.text((x + 2, y + thumb + 14), f"-> {classes[suggested[i]][:13]} {scores[i]:.2f}", fill=(0, 110, 0))
     buffer = io.BytesIO()

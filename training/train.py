@@ -26,11 +26,11 @@ if __package__ in (None, ""):  # `python training/train.py` from a checkout
 
 import numpy as np
 import torch
-from PIL import Image
 
 from models.card import (
     Abstention,
     Calibration,
+    CorrectionsFile,
     DataSummary,
     EncoderInfo,
     HeadInfo,
@@ -49,9 +49,19 @@ from training.calibration import (
     selective_threshold,
     softmax,
 )
-from training.data import DEFAULT_SLIDE_REGEX, DataError, PatchSet, data_sha256, file_sha256, load_patches, slide_split
-from training.embed import embed_files, load_rgb_resized
-from training.encoders import EncoderError, build_encoder, spec_for
+from training.corrections import CorrectionsError, data_root, load_corrections, tile_key
+from training.data import (
+    DEFAULT_SLIDE_REGEX,
+    DataError,
+    PatchSet,
+    data_sha256,
+    export_tiles,
+    load_patches,
+    load_slide_patches,
+    slide_split,
+)
+from training.embed import default_cache_dir, embed_files
+from training.encoders import EncoderError, build_encoder, spec_for, training_mpp
 from training.export import ExportError, export_model
 from training.heads import HEADS
 from training.metrics import auroc, classification_report, plot_confusion
@@ -101,7 +111,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Fit a noise-robust classifier on frozen encoder embeddings and export a servable model.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--data", required=True, help="training patches: class-folder tree or CSV (path,label[,slide])")
+    p.add_argument("--data", help="training patches: class-folder tree or CSV (path,label[,slide])")
+    p.add_argument("--slides", nargs="+", metavar="SLIDE", help="instead of --data: slide files or folders")
+    p.add_argument(
+        "--annotations",
+        help="with --slides: folder of QuPath GeoJSON exports named <slide stem>.geojson, or CSV slide,annotations",
+    )
+    p.add_argument(
+        "--min-cover", type=float, default=0.5, help="a tile takes the class whose annotations cover this share of it"
+    )
+    p.add_argument("--tile-pixels", type=int, default=150, help="with --slides: tile side in pixels at --mpp")
+    p.add_argument("--export-tiles", type=Path, help="with --slides: also write the tiles as DIR/<class>/*.png")
     p.add_argument("--out", required=True, help="output model directory (model.onnx, card.json, reports)")
     p.add_argument("--test", help="clean held-out patches (folder or CSV) for test metrics; never noised")
     p.add_argument(
@@ -136,6 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KIND:RATE",
         help="experiments only: flip training labels, e.g. uniform:0.4 or asym:0.4",
     )
+    p.add_argument(
+        "--corrections",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a reviewer's corrections.csv (training/review.py), repeatable, later files win: corrected labels "
+        "replace the given ones (after --inject-noise), 'unusable' tiles are dropped",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed for noise, split and training")
     p.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum epochs (early stopping on noisy val)")
     p.add_argument("--patience", type=int, default=defaults.patience, help="early-stopping patience in epochs")
@@ -148,7 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="kNN cleaning relabels a tile only when the neighbours' top class leads its label by this",
     )
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of tiles (whole slides) held for noisy val")
-    p.add_argument("--mpp", type=float, default=0.5, help="micrometres per pixel of the training patches")
+    p.add_argument(
+        "--mpp",
+        type=float,
+        default=None,
+        help="micrometres per pixel of the training patches (default: the encoder's intended µm/px, "
+        "docs/encoders.md; a warning when the tiles are declared at another)",
+    )
     p.add_argument("--slide-regex", default=DEFAULT_SLIDE_REGEX, help="regex whose group 1 is the slide id in a name")
     p.add_argument("--batch-size", type=int, default=64, help="batch size for embedding extraction")
     p.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default ~/.cache/histo-robust)")
@@ -196,8 +230,10 @@ def main(argv: list[str] | None = None) -> dict:
     if bad := [v for v in variants if v not in ("fp16", "int8")]:
         _fail(f"--variants: unknown {bad}; choose from fp16, int8")
     try:
-        spec_for(args.encoder)
-        patches = load_patches(args.data, slide_regex=args.slide_regex)
+        args.mpp = training_mpp(spec_for(args.encoder), args.mpp)
+        if bool(args.data) == bool(args.slides) or bool(args.slides) != bool(args.annotations):
+            _fail("give either --data PATCHES, or --slides SLIDES with --annotations ANNOTATIONS")
+        patches = _annotated_patches(args) if args.slides else load_patches(args.data, slide_regex=args.slide_regex)
         test = load_patches(args.test, slide_regex=args.slide_regex) if args.test else None
     except (DataError, EncoderError) as exc:
         _fail(str(exc))
@@ -219,6 +255,13 @@ def main(argv: list[str] | None = None) -> dict:
         _fail(f"{args.data}: need at least 2 classes, found {classes}")
     if test is not None and (unknown := sorted(set(test.classes) - set(classes))):
         _fail(f"{args.test}: labels {unknown} do not occur in the training data {args.data} ({classes})")
+    root = data_root(args.data or patches.tiles.root)
+    keys = [tile_key(p, root) for p in patches.paths]
+    try:
+        test_keys = [tile_key(p, root) for p in test.paths] if test is not None else []
+        corrections = load_corrections(args.corrections, classes, keys, test_keys) if args.corrections else None
+    except CorrectionsError as exc:
+        _fail(str(exc))
     try:
         encoder = build_encoder(args.encoder, args.weights)
     except EncoderError as exc:
@@ -229,11 +272,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- embeddings (cached)
     t = time.perf_counter()
-    hashes = [file_sha256(p) for p in patches.paths]
+    hashes = patches.content_keys()
     emb_kwargs = dict(batch_size=args.batch_size, cache_dir=args.cache_dir, use_cache=not args.no_cache)
-    x_all, n_computed = embed_files(encoder, patches.paths, hashes, **emb_kwargs)
-    test_hashes = [file_sha256(p) for p in test.paths] if test else []
-    x_test, n_test_computed = embed_files(encoder, test.paths, test_hashes, **emb_kwargs) if test else (None, 0)
+    x_all, n_computed = embed_files(encoder, patches.paths, hashes, load=patches.load, **emb_kwargs)
+    test_hashes = test.content_keys() if test else []
+    x_test, n_test_computed = (
+        embed_files(encoder, test.paths, test_hashes, load=test.load, **emb_kwargs) if test else (None, 0)
+    )
     timings["embed"] = time.perf_counter() - t
 
     out.mkdir(parents=True, exist_ok=True)
@@ -241,6 +286,11 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- labels, noise, slide-aware split
     y_given = np.array([classes.index(label) for label in patches.labels])
     y_noisy = inject(y_given, args.inject_noise, len(classes), args.seed)
+    if corrections is not None:  # after --inject-noise: an experiment corrects the labels it trained on
+        y_noisy, kept, corrections_report = corrections.apply(keys, y_noisy, classes)
+        skipped, patches = patches.skipped, patches.subset(kept)
+        patches.skipped = skipped
+        hashes, x_all, y_given, y_noisy = [hashes[i] for i in kept], x_all[kept], y_given[kept], y_noisy[kept]
     train_idx, val_idx = slide_split(patches.slides, y_noisy, args.val_fraction, args.seed)
     config = TrainConfig(
         head=args.head,
@@ -312,6 +362,8 @@ def main(argv: list[str] | None = None) -> dict:
         "val": classification_report(y_noisy[val_idx], probs_all[val_idx].argmax(1), classes),
         "confidence": {k: v for k, v in confidence.items() if k not in ("ood", "ood_scorer")},
     }
+    if corrections is not None:
+        report["corrections"] = corrections_report
     report["val"]["note"] = "against the (noisy) labels as given: the only labels in-house data has"
     if noise is not None:
         report["injected_noise"] = {
@@ -324,13 +376,27 @@ def main(argv: list[str] | None = None) -> dict:
     rows = np.arange(len(y_noisy))
     scores = suspect_scores(votes[rows, y_noisy], probs_all[rows, y_noisy])
     suggested = probs_all.argmax(1)
-    data_root = Path(args.data).resolve()
-    data_root = data_root if data_root.is_dir() else data_root.parent
     order = write_suspects(
-        out / "suspects.csv", [p.resolve() for p in patches.paths], y_noisy, suggested, scores, classes, root=data_root
+        out / "suspects.csv",
+        [p.resolve() for p in patches.paths],
+        y_noisy,
+        suggested,
+        scores,
+        classes,
+        root=root,
+        probs=probs_all,
     )
-    contact_sheet(out / "suspects.png", patches.paths, y_noisy, suggested, scores, classes, order)
-    report["suspects"] = {"n_flagged": int((suggested != y_noisy).sum()), "file": "suspects.csv"}
+    contact_sheet(out / "suspects.png", patches.paths, y_noisy, suggested, scores, classes, order, load=patches.load)
+    # data_root: where the review page (training/review.py) finds the tiles suspects.csv names
+    report["suspects"] = {
+        "n_flagged": int((suggested != y_noisy).sum()),
+        "file": "suspects.csv",
+        "data_root": str(root),
+    }
+    if patches.tiles is not None:  # annotation-based: suspects back to QuPath, one file per slide
+        folder = out / "suspects"
+        report["suspects"]["geojson"] = patches.tiles.write_suspects(folder, y_noisy, suggested, scores, classes)
+        report["slides"] = patches.slide_report
     if noise is not None:
         flipped = y_noisy != y_given
         top = order[: int(flipped.sum())]
@@ -371,6 +437,28 @@ def main(argv: list[str] | None = None) -> dict:
         summary += f", clean test accuracy {report['test']['accuracy']:.3f}"
     print(f"done in {timings['total']:.1f}s: {summary}; wrote {out}/")
     return report
+
+
+def _annotated_patches(args) -> PatchSet:
+    """Tiles of ``--slides`` labelled by ``--annotations`` (training/annotations.py), warnings printed."""
+    cache = None if args.no_cache else (args.cache_dir or default_cache_dir()) / "grids"
+    patches, warnings = load_slide_patches(
+        args.slides,
+        args.annotations,
+        mpp=args.mpp,
+        patch_pixels=args.tile_pixels,
+        input_size=spec_for(args.encoder).input_size,
+        min_cover=args.min_cover,
+        grid_cache=cache,
+    )
+    for message in warnings:
+        print(f"warning: {message}", file=sys.stderr)
+    if len(patches.classes) < 2:
+        _fail(f"{args.annotations}: need tiles of at least 2 classes, found {patches.classes}")
+    if args.export_tiles:
+        n = export_tiles(patches, args.export_tiles, patches.tiles.input_size)
+        print(f"wrote {n} tiles to {args.export_tiles}")
+    return patches
 
 
 def _fit_confidence(
@@ -535,10 +623,10 @@ def _export(
         val_idx if len(val_idx) else train_idx, size=min(64, len(val_idx) or len(train_idx)), replace=False
     )
     size = encoder.spec.input_size
-    parity_images = np.stack([load_rgb_resized(patches.paths[i], size) for i in pick])
+    parity_images = np.stack([patches.load(i, size) for i in pick])
     val_images = val_labels = None
     if args.variants and len(val_idx):
-        val_images = np.stack([load_rgb_resized(patches.paths[i], size) for i in val_idx])
+        val_images = np.stack([patches.load(i, size) for i in val_idx])
         val_labels = y_noisy[val_idx]
     try:
         parity, variants = export_model(
@@ -554,8 +642,7 @@ def _export(
         )
     except ExportError as exc:
         _fail(str(exc))
-    with Image.open(patches.paths[0]) as first:
-        patch_px = max(first.size)
+    patch_px = patches.patch_pixels()
     metrics = {"noisy_val": {k: report["val"][k] for k in ("accuracy", "balanced_accuracy")}}
     if "test" in report:
         metrics["test"] = {k: report["test"][k] for k in ("accuracy", "balanced_accuracy", "n")}
@@ -596,6 +683,7 @@ def _export(
             injected_noise=args.inject_noise,
             data_sha256=data_sha256(patches, hashes),
             licence="CC BY 4.0" if is_kather else None,
+            corrections=[CorrectionsFile(**f) for f in report.get("corrections", {}).get("files", [])],
         ),
         metrics=metrics,
         parity=parity,
