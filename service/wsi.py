@@ -1,7 +1,7 @@
 """Classify whole-slide images: tissue mask → tiles at the model's µm/px → batched onnxruntime → outputs.
 
     python -m service.wsi SLIDE_OR_FOLDER... --out OUT [--model DIR] [--mpp X] [--batch-size N]
-        [--readers auto|threads|processes] [--workers N]
+        [--readers auto|threads|processes] [--workers N] [--engine local|ray [--ray-address ADDR]]
 
 Per slide, ``OUT/<slide stem>/`` gets ``tiles.csv``, ``predictions.geojson`` (QuPath), ``heatmap.png``
 and ``summary.json``. Tile readers (``--workers`` threads or spawned processes, one OpenSlide handle
@@ -22,6 +22,7 @@ import fcntl
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -39,6 +40,14 @@ from models.card import ModelCard, ModelLoadError, write_atomic
 from service.outputs import TileTable, write_geojson, write_heatmap, write_summary, write_tiles_csv
 from service.reader_processes import ReaderProcesses
 from service.runtime import Prediction, Runtime
+from service.slide_faults import (
+    FaultTolerantTileReader,
+    TileFaults,
+    failure_stage,
+    remove_stale_temporaries,
+    split_unreadable,
+    unreadable_rows,
+)
 from service.slides import (
     DEFAULT_MIN_TISSUE,
     SLIDE_SUFFIXES,
@@ -144,21 +153,25 @@ def read_partial(path: Path, grid: TileGrid, n_classes: int, batch_size: int) ->
     return np.array(rows[:keep], dtype=np.float64).reshape(-1, n_fields)
 
 
-def _format_rows(start: int, grid: TileGrid, prediction: Prediction) -> str:
-    """Partial-file lines; ``%.9g`` round-trips float32 exactly, so a resumed job loses nothing."""
+def _format_rows(start: int, grid: TileGrid, prediction: Prediction, bad: np.ndarray | None = None) -> str:
+    """Partial-file lines; ``%.9g`` round-trips float32 exactly, so a resumed job loses nothing.
+    Unreadable tiles (``bad``) get NaN probabilities (see :mod:`service.slide_faults`)."""
     n = len(prediction.probabilities)
+    probabilities = prediction.probabilities if bad is None else unreadable_rows(prediction.probabilities, bad)
     ood = prediction.ood_scores if prediction.ood_scores is not None else np.full(n, np.nan, np.float32)
     lines = []
     for k in range(n):
         i = start + k
         x, y = grid.coords[i]
-        values = ",".join(f"{float(v):.9g}" for v in (*prediction.probabilities[k], ood[k]))
+        values = ",".join(f"{float(v):.9g}" for v in (*probabilities[k], ood[k]))
         lines.append(f"{i},{x},{y},{values}\n")
     return "".join(lines)
 
 
-def _append_durably(handle: Any, start: int, grid: TileGrid, prediction: Prediction) -> None:
-    handle.write(_format_rows(start, grid, prediction))
+def _append_durably(
+    handle: Any, start: int, grid: TileGrid, prediction: Prediction, bad: np.ndarray | None = None
+) -> None:
+    handle.write(_format_rows(start, grid, prediction, bad))
     handle.flush()
     os.fsync(handle.fileno())  # a completed batch survives SIGKILL and power loss
 
@@ -189,19 +202,45 @@ def stream_batches(
 
 
 @contextlib.contextmanager
-def _exclusive(out_dir: Path) -> Iterator[None]:
+def _exclusive(out_dir: Path, wait: float = 0.0) -> Iterator[None]:
     """Hold an exclusive lock on ``out_dir``, so two jobs pointed at the same output folder cannot
-    interleave their partial results; the kernel drops the lock when a process dies, even by SIGKILL."""
+    interleave their partial results; the kernel drops the lock when a process dies, even by SIGKILL
+    (on NFS v4 the server does, once a dead client's lease runs out: 90 s by default).
+
+    ``wait`` > 0 waits up to that long for the holder instead of failing at once: on a cluster a
+    slide is delivered at least once, and its second copy then finds the first one's outputs done.
+    The file names its holder (host and pid) for the error message.
+    """
     lock_path = out_dir / LOCK
-    with open(lock_path, "w") as handle:
+    deadline = time.monotonic() + wait
+    while True:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise SlideError(f"{out_dir}: another job is writing this output folder") from None
-        try:
-            yield
-        finally:
-            lock_path.unlink(missing_ok=True)
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                held = f" ({holder})" if holder else ""
+                raise SlideError(f"{out_dir}: another job is writing this output folder{held}") from None
+            time.sleep(0.2)
+            continue
+        except OSError:
+            os.close(fd)
+            raise
+        # the holder before us unlinks the file as it lets go: a lock on that unlinked file would not
+        # exclude a job that opens the path afresh, so only a lock on the file at the path counts
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(lock_path).st_ino == os.fstat(fd).st_ino:
+                break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"host {socket.gethostname()} pid {os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        lock_path.unlink(missing_ok=True)
+        os.close(fd)
 
 
 def _outputs_done(out_dir: Path, signature: dict[str, Any]) -> dict[str, Any] | None:
@@ -259,10 +298,12 @@ def _slide_steps(
     progress: bool = True,
     prepared: Future[PreparedSlide] | None = None,
     readers: ReaderProcesses | None = None,
+    lock_wait: float = 0.0,
 ) -> Generator[None, None, dict[str, Any]]:
     """:func:`classify_slide` in two steps: the generator yields once the tiles are classified (the
     accelerator's part) and returns the summary once the outputs are written. A finished slide
-    returns at once. The slide handle and the output folder's lock are held until it returns.
+    returns at once. The slide handle and the output folder's lock are held until it returns;
+    ``lock_wait``: seconds to wait for another copy of this slide that holds the lock (see :func:`_exclusive`).
     """
     started = time.perf_counter()
     path, out_dir = Path(path), Path(out_dir)
@@ -272,7 +313,9 @@ def _slide_steps(
         raise ValueError(f"the reader processes read batches of {readers.batch_size}, not {batch_size}")
     if not 0 <= min_tissue <= 1:
         raise ValueError(f"min_tissue must be within [0, 1], got {min_tissue}")
-    slide = open_slide(path)
+    stage = "open"  # named in any failure (see service.slide_faults)
+    with failure_stage(path, stage):
+        slide = open_slide(path)
     try:
         level0_mpp, mpp_source = slide_mpp(slide, path, mpp)
         if level0_mpp > runtime.card.mpp * 1.1:
@@ -285,7 +328,8 @@ def _slide_steps(
             )
         signature = job_signature(path, runtime, level0_mpp, min_tissue)
         out_dir.mkdir(parents=True, exist_ok=True)
-        with _exclusive(out_dir):
+        with _exclusive(out_dir, lock_wait):
+            remove_stale_temporaries(out_dir)  # of a write a kill interrupted; the lock says no one owns them
             if (previous := _outputs_done(out_dir, signature)) is not None:
                 log.info("%s: already done with this model and these arguments, skipping", path.name)
                 (out_dir / PARTIAL).unlink(missing_ok=True)
@@ -293,9 +337,11 @@ def _slide_steps(
                 if prepared is not None:
                     prepared.cancel()
                 return previous
+            stage = "tissue_mask"
             ready = prepared.result() if prepared is not None else _prepare(slide, runtime, level0_mpp, min_tissue)
             mask, mask_ds, grid = ready.mask, ready.mask_downsample, ready.grid
             timings = {"tissue_mask": ready.seconds}
+            stage = "tiles"
             resumed = _classify_tiles(
                 path,
                 grid,
@@ -311,7 +357,8 @@ def _slide_steps(
             )
             yield  # the rest only writes outputs: a multi-slide job lets it finish in the background
             t0 = time.perf_counter()
-            table = _tile_table(out_dir / PARTIAL, grid, runtime, batch_size, path)
+            stage = "outputs"
+            table, unreadable = _tile_table(out_dir / PARTIAL, grid, runtime, batch_size, path)
             _write_outputs(slide, path, runtime.card, table, out_dir)
             timings["outputs"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - started
@@ -332,6 +379,8 @@ def _slide_steps(
                 "min_tissue": min_tissue,
                 "grid_tiles": grid.n_grid,
                 "tiles": len(table),
+                "unreadable_tiles": len(unreadable),
+                "unreadable_tile_coords": unreadable,  # level-0 [x, y] of tiles OpenSlide could not read
                 "tissue_area_mm2": round(float(mask.sum() * (mask_ds * level0_mpp) ** 2 / 1e6), 4),
                 "class_counts": counts,
                 "class_fractions": {c: round(n / len(table), 6) if len(table) else 0.0 for c, n in counts.items()},
@@ -361,6 +410,9 @@ def _slide_steps(
             (out_dir / PARTIAL).unlink(missing_ok=True)
             (out_dir / JOB).unlink(missing_ok=True)
             return summary
+    except Exception:
+        with failure_stage(path, stage):
+            raise
     finally:
         slide.close()
 
@@ -444,8 +496,9 @@ def _classify_tiles(
     t_wait = t_infer = t_write = 0.0
     t0 = time.perf_counter()
     starts = list(range(resumed, len(grid.coords), batch_size))
+    faults = TileFaults()  # unreadable tiles: recorded, and the slide goes on
     if starts:
-        reader = TileReader(path, grid, runtime.card.input_size) if readers is None else None
+        reader = FaultTolerantTileReader(path, grid, runtime.card.input_size, faults) if readers is None else None
         bar = tqdm(
             total=len(grid.coords),
             initial=resumed,
@@ -455,7 +508,7 @@ def _classify_tiles(
             dynamic_ncols=True,
         )
         batches = (
-            readers.stream(path, grid, starts)
+            readers.stream(path, grid, starts, faults=faults)
             if readers is not None
             else stream_batches(reader, grid, starts, batch_size, workers)
         )
@@ -483,7 +536,8 @@ def _classify_tiles(
                     t3 = time.perf_counter()
                     if writing is not None:
                         writing.result()  # one batch in writing at most; a failed write stops the slide
-                    writing = writer.submit(_append_durably, handle, start, grid, prediction)
+                    bad = faults.mask(grid.coords[start : start + len(pixels)])
+                    writing = writer.submit(_append_durably, handle, start, grid, prediction, bad)
                     t_wait, t_infer = t_wait + t2 - t1, t_infer + t3 - t2
                     t_write += time.perf_counter() - t3
                     bar.update(len(pixels))
@@ -498,13 +552,17 @@ def _classify_tiles(
     return resumed
 
 
-def _tile_table(partial: Path, grid: TileGrid, runtime: Runtime, batch_size: int, path: Path) -> TileTable:
-    """All tile results, from the partial file, in grid order; refuses anything short of complete."""
+def _tile_table(
+    partial: Path, grid: TileGrid, runtime: Runtime, batch_size: int, path: Path
+) -> tuple[TileTable, list[list[int]]]:
+    """All tile results, from the partial file, in grid order; refuses anything short of complete.
+    Also returns the level-0 ``[x, y]`` of the tiles that could not be read (left out of the table)."""
     n_classes = len(runtime.card.classes)
     records = read_partial(partial, grid, n_classes, batch_size)
     if len(records) != len(grid.coords):
         raise SlideError(f"{path}: {len(records)} tile results for {len(grid.coords)} tiles; rerun to resume")
-    return TileTable(
+    records, unreadable = split_unreadable(records, n_classes)
+    table = TileTable(
         runtime.card.classes,
         grid.side,
         records[:, 1:3].astype(np.int64),
@@ -513,6 +571,7 @@ def _tile_table(partial: Path, grid: TileGrid, runtime: Runtime, batch_size: int
         runtime.abstain_threshold,
         runtime.ood_threshold,
     )
+    return table, unreadable
 
 
 def _write_outputs(slide: openslide.OpenSlide, path: Path, card: ModelCard, table: TileTable, out_dir: Path) -> None:
@@ -526,6 +585,39 @@ def _write_outputs(slide: openslide.OpenSlide, path: Path, card: ModelCard, tabl
         table,
         f"{path.name}: {card.name}, {len(table)} tissue tiles of {card.patch_size_um:.0f} microns",
     )
+
+
+def plan_slides(slides: list[Path], out: Path) -> list[tuple[Path, Exception | None]]:
+    """Each slide with the error that keeps it from running (None: it runs): a missing file, or an
+    output folder another slide of the same name already takes; a file given twice runs once."""
+    owners: dict[str, Path] = {}
+    planned: set[Path] = set()  # resolved paths of the slides that will run
+    planned_links: set[str] = set()
+    plan: list[tuple[Path, Exception | None]] = []
+    for path in slides:
+        if not path.is_file():
+            if path.is_symlink():  # a dangling or looping link: listed once, however often it is reached
+                if os.path.realpath(path) in planned_links:
+                    continue
+                planned_links.add(os.path.realpath(path))
+            why = "broken or looping symbolic link" if path.is_symlink() else "no such file"
+            plan.append((path, SlideError(f"{path}: {why}")))
+            continue
+        owner = owners.setdefault(path.stem, path)
+        if owner.resolve() != path.resolve():
+            plan.append(
+                (
+                    path,
+                    SlideError(
+                        f"{path}: output folder {out / path.stem} already belongs to {owner} in this "
+                        "run; rename the slide or run it separately"
+                    ),
+                )
+            )
+        elif path.resolve() not in planned:  # a file given twice runs once
+            planned.add(path.resolve())
+            plan.append((path, None))
+    return plan
 
 
 def run_job(
@@ -546,27 +638,7 @@ def run_job(
     ``reader_processes`` > 0 reads tiles in that many spawned processes, started once for the job,
     instead of ``workers`` threads per slide.
     """
-    owners: dict[str, Path] = {}
-    planned: set[Path] = set()  # resolved paths of the slides that will run
-    plan: list[tuple[Path, Exception | None]] = []
-    for path in slides:
-        if not path.is_file():
-            plan.append((path, SlideError(f"{path}: no such file")))
-            continue
-        owner = owners.setdefault(path.stem, path)
-        if owner.resolve() != path.resolve():
-            plan.append(
-                (
-                    path,
-                    SlideError(
-                        f"{path}: output folder {out / path.stem} already belongs to {owner} in this "
-                        "run; rename the slide or run it separately"
-                    ),
-                )
-            )
-        elif path.resolve() not in planned:  # a file given twice runs once
-            planned.add(path.resolve())
-            plan.append((path, None))
+    plan = plan_slides(slides, out)
     runnable = [path for path, error in plan if error is None]
     prepare_options = {k: options[k] for k in ("mpp", "min_tissue") if k in options}
     failures: list[tuple[int, dict[str, str]]] = []
@@ -669,6 +741,20 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--device", default=None, help="auto, cpu or cuda (default $HISTO_DEVICE or auto)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this machine (default); ray: one slide per Ray worker (docs/cluster.md)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=os.environ.get("RAY_ADDRESS"),
+        help="Ray cluster to join (default $RAY_ADDRESS; none: a Ray of this machine's own)",
+    )
+    p.add_argument(
+        "--ray-cpus", type=int, default=None, help="CPUs per Ray slide worker (default: CPUs per GPU, or 1)"
+    )
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.workers is not None and args.workers < 1) or not 0 <= args.min_tissue <= 1:
         p.error("--batch-size and --workers must be >= 1 and --min-tissue within [0, 1]")
@@ -681,6 +767,10 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.engine == "ray":
+        from service.cluster import main_ray  # the only import of ray, and only when asked
+
+        return main_ray(args, slides)
     try:
         runtime = Runtime(args.model, device=args.device, spinning=False)  # the tile readers share the cores
     except (ModelLoadError, ValueError, RuntimeError) as exc:
