@@ -8,12 +8,16 @@ the same slides, byte for byte; the cluster is torn down by a finalizer whatever
 from __future__ import annotations
 
 import json
+import lzma
+import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.ray_cluster import LocalRayCluster
 from tests.slide_factory import tissue_image, write_pyramid
@@ -194,3 +198,123 @@ def test_embedded_ray_without_an_address(slides, reference, tmp_path):
         assert manifest["address"] is None and manifest["workers"] == 1
         assert [e["status"] for e in manifest["slides"]] == ["done"]
         assert not scoped.processes(), "the embedded Ray outlived the job"
+
+
+def test_kuberay_rayjob_is_valid_against_kuberays_own_schema():
+    """deploy/rayjob.yaml against the RayJob CRD's schema, as the API server would check it."""
+    jsonschema = pytest.importorskip("jsonschema")
+    with lzma.open(ROOT / "tests" / "fixtures" / "kuberay" / "rayjob-v1.schema.json.xz") as handle:
+        schema = json.load(handle)
+    job = yaml.safe_load((ROOT / "deploy" / "rayjob.yaml").read_text())
+    jsonschema.Draft7Validator(schema).validate(job)
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
+    spec = job["spec"]
+    assert spec["entrypoint"].startswith("python -m service.wsi ") and "--engine ray" in spec["entrypoint"]
+    cluster_spec = spec["rayClusterSpec"]
+    pin = re.search(r'"ray\[data\]==([\d.]+)"', (ROOT / "pyproject.toml").read_text())
+    assert pin and cluster_spec["rayVersion"] == pin.group(1)  # the image's Ray, as the extra pins it
+    assert cluster_spec["authOptions"] == {"mode": "token"}  # token auth on, never off
+    head, workers = cluster_spec["headGroupSpec"], cluster_spec["workerGroupSpecs"]
+    assert head["rayStartParams"]["num-cpus"] == "0" and workers
+    for pod in [head["template"]["spec"], *(w["template"]["spec"] for w in workers)]:
+        # every pod mounts the same shared volume at the same path: the outputs are written there
+        assert [m["mountPath"] for m in pod["containers"][0]["volumeMounts"]] == ["/data"]
+        assert pod["volumes"][0]["persistentVolumeClaim"]["claimName"] == "histo-slides"
+    for group in workers:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        assert limits["nvidia.com/gpu"] == 1  # one GPU per pod: one slide worker per GPU
+
+
+def test_kubernetes_service_manifest_probes_bentoml_health_endpoints():
+    deployment, service = yaml.safe_load_all((ROOT / "deploy" / "service.yaml").read_text())
+    assert (deployment["apiVersion"], deployment["kind"]) == ("apps/v1", "Deployment")
+    assert (service["apiVersion"], service["kind"]) == ("v1", "Service")
+    pod = deployment["spec"]["template"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= pod["metadata"]["labels"].items()
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    (container,) = pod["spec"]["containers"]
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert port == {"http": 3000}  # the image's EXPOSE and CMD port
+    assert service["spec"]["ports"][0]["targetPort"] in ("http", 3000)
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/livez"
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert container[probe]["httpGet"]["port"] in ("http", 3000)
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert env["HISTO_INFERENCE_WORKERS"] == "1"  # one inference process per GPU: batches stay whole
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "EXPOSE 3000" in dockerfile and "/readyz" in dockerfile
+
+
+def test_two_copies_of_a_slide_at_once_give_one_set_of_outputs(slides, reference, tmp_path):
+    """At-least-once delivery: a second copy of a slide waits on its lock, then finds the outputs done."""
+    from service.runtime import Runtime
+    from service.wsi import _run_steps, _slide_steps
+
+    runtime = Runtime(ROOT / "models" / "default", device="cpu", intra_op_threads=1)
+    out = tmp_path / "out"
+
+    def copy(_: int) -> bool:
+        """One copy of the slide, as a Ray worker runs it; True when it found the slide done."""
+        steps = _slide_steps(
+            slides / "s5.tiff", runtime, out / "s5", progress=False, batch_size=8, workers=1, lock_wait=120
+        )
+        try:
+            next(steps)
+        except StopIteration:
+            return True
+        _run_steps(steps)
+        return False
+
+    with ThreadPoolExecutor(2) as pool:  # flock sets two open files of one process apart, as two processes
+        first = pool.submit(copy, 0)
+        while not (out / "s5" / ".lock").is_file() or not (out / "s5" / ".lock").read_text():
+            time.sleep(0.01)
+        assert not first.done()  # the second copy starts while the first holds the slide
+        second = pool.submit(copy, 1)
+        assert (first.result(), second.result()) == (False, True)
+    _assert_same_outputs(out, reference["out"], ["s5"])
+
+
+def test_a_lock_left_by_a_dead_process_does_not_block_and_a_live_one_is_named(slides, reference, tmp_path):
+    out = tmp_path / "out"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(out / "s0")], cwd=ROOT, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        busy = _local_job(slides / "s0.tiff", out)
+        assert busy.returncode == 1, busy.stderr
+        (failure,) = json.loads((out / "failures.json").read_text())
+        assert (
+            "another job is writing this output folder" in failure["error"] and f"pid {holder.pid}" in failure["error"]
+        )
+    finally:
+        holder.kill()  # SIGKILL: the lock file stays behind; the kernel drops the lock itself
+        holder.wait()
+    assert (out / "s0" / ".lock").is_file()
+    again = _local_job(slides / "s0.tiff", out)
+    assert again.returncode == 0, again.stderr
+    _assert_same_outputs(out, reference["out"], ["s0"])
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+from service.wsi import _exclusive
+Path(sys.argv[1]).mkdir(parents=True)
+with _exclusive(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def _local_job(slide: Path, out: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "service.wsi", str(slide), "--out", str(out), *ARGS],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
