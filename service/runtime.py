@@ -34,16 +34,11 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parent.parent / "models" / "default
 
 
 # On CUDA an InferenceSession rebuilds its cuDNN state whenever the batch size differs from its
-# previous call. Measured on an H200 with this project's EfficientNet: a session alternating between
-# batches of 8 and 16 took 0.19-0.32 s per call; one session per size took 1.6-2.4 ms. Adaptive
-# batching sends any size from 1 to the maximum, which is how HTTP fell to 12-58 images/s against
-# 7,900 raw. So on CUDA batches are padded to a few sizes (``batch_plan``), each with its own
-# session warmed up at start. HEURISTIC spares the exhaustive cuDNN benchmark at each session's
-# first run (about 0.6 s per size) at no measurable cost in throughput there.
-#
-# The seven sessions' memory arenas grow by powers of two by default: 5,604 MB of GPU memory for the
-# per-size runtime on the H200, against 3,426 MB at start and 4,384 after serving with
-# kSameAsRequested, at the same throughput (7,915 vs 7,978 images/s at batch 32).
+# previous call, and adaptive batching sends any size from 1 to the maximum. So on CUDA batches are
+# padded to a few sizes (``batch_plan``), each with its own session warmed up at start. HEURISTIC
+# spares the exhaustive cuDNN search at each session's first run; kSameAsRequested keeps the seven
+# sessions' arenas from growing by powers of two. Both cost no throughput on an H200 (measured:
+# docs/performance.md, benchmarks/results/h200-gpu/README.md).
 CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": "kSameAsRequested"}
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 

@@ -50,16 +50,15 @@ MAX_BATCH_SIZE = int(os.environ.get("HISTO_MAX_BATCH_SIZE", "64"))
 MAX_LATENCY_MS = int(os.environ.get("HISTO_MAX_LATENCY_MS", "10000"))
 BATCHING = os.environ.get("HISTO_BATCHING", "1") != "0"
 MAX_IMAGES = int(os.environ.get("HISTO_MAX_IMAGES", "64"))
-# Front-end processes (multipart parsing, image decoding, JSON): one caps HTTP at about 150 images/s
-# whatever the machine (measured on 16 cores); the inference service stays one process, so requests
-# from every front worker still meet in one batch.
+# Front-end processes (multipart parsing, image decoding, JSON): one alone caps HTTP whatever the
+# machine (docs/performance.md); the inference service stays one process, so requests from every
+# front worker still meet in one batch.
 # "auto" = one per core, at most 8 (each holds its own Python heap, about 150 MB).
 _WORKERS = os.environ.get("HISTO_API_WORKERS", "auto")
 API_WORKERS = min(8, os.cpu_count() or 1) if _WORKERS == "auto" else max(1, int(_WORKERS))
 # Inference processes: one by default, so that every front end's calls meet in one batcher. Each
-# further process adds a batcher and its own CUDA sessions (about 4.4 GB of GPU memory with the
-# default model). On an H200 two raised HTTP without batching from 324 to 425 images/s but not with
-# batching (905 vs 886): the batches split between them.
+# further process adds a batcher and its own CUDA sessions (GPU memory); on an H200 a second one
+# helped only without batching, because the batches split between them (docs/performance.md).
 INFERENCE_WORKERS = max(1, int(os.environ.get("HISTO_INFERENCE_WORKERS", "1")))
 
 
@@ -80,12 +79,11 @@ def _error(status: int, kind: str, detail: str, index: int | None = None) -> JSO
     name="histo_inference",
     workers=INFERENCE_WORKERS,
     traffic={"timeout": 120, "max_concurrency": 256},
-    # On a GPU this process's event loop, not the model, limits batched HTTP: on an H200 it spent 1.73
-    # core-ms per image (the model 0.13). This hop is internal, so it writes no access-log line and no
-    # trace span per call; with uvloop and httptools (the serve/gpu extras) that took it to 1.20 and
-    # HTTP from 629 to 905 images/s (benchmarks/results/h200-gpu). BentoML also replaces a client
-    # session every `max_requests` calls (100 by default) even with calls in flight on it: a
-    # profiling harness saw 6-7 % of its calls fail that way (none in the benchmark's logs).
+    # On a GPU this process's event loop, not the model, limits batched HTTP. This hop is internal, so
+    # it writes no access-log line and no trace span per call; with uvloop and httptools (the
+    # serve/gpu extras) that cut its CPU per image by a third (benchmarks/results/h200-gpu, runs E-F).
+    # BentoML also replaces a client session every `max_requests` calls (100 by default) even with
+    # calls in flight on it, which failed some calls of a profiling harness.
     logging={"access": {"enabled": False}},
     tracing={"excluded_urls": ["predict"]},
     runner_connection={"max_requests": 1_000_000},

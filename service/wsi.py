@@ -61,12 +61,10 @@ LOCK = ".lock"
 OUTPUT_FILES = ("tiles.csv", "predictions.geojson", "heatmap.png", "summary.json")
 FAILURES = "failures.json"
 _CORES = os.cpu_count() or 1
-# Tile readers, measured on a 16-core H200 host (benchmarks/device/readers.py, one OpenSlide handle
-# each). Threads: 816 tiles/s with 1, 2,365 with 4, 3,600 with 8, then fewer (2,882 with 12, 2,487
-# with 16) as they contend for the GIL. Spawned processes writing into shared memory
-# (service.reader_processes): 858 with 1, 5,426 with 8, 8,877 with 16. On 2 cores, 2 processes read
-# 2,290 tiles/s against 1,935 for 2 threads, but starting them costs about a second of those cores'
-# time, which a small job does not win back: processes are the default from 8 cores.
+# Tile readers: threads stop scaling near 8 (they contend for the GIL), spawned processes writing
+# into shared memory (service.reader_processes) keep scaling to 16 but cost about a second of the
+# cores' time to start, which a small job on few cores does not win back: processes are the default
+# from 8 cores (measured: docs/performance.md, benchmarks/device/readers.py).
 DEFAULT_WORKERS = min(8, _CORES)  # reader threads
 READER_KINDS = ("auto", "threads", "processes")
 
