@@ -7,9 +7,12 @@ preprocessing it expects (input size, mean/std, intended µm/px). Names are eith
 or any timm architecture name (``timm:<name>`` or the bare name).
 
 Weights always come from a local file (safetensors, or a torch checkpoint read with
-``weights_only=True`` so no arbitrary object is ever unpickled). Published checkpoints use
-different key layouts; each entry has a ``remap`` that turns them into the timm layout, and a
-mismatch fails with the missing/unexpected keys named.
+``weights_only=True`` so no arbitrary object is ever unpickled), memory-mapped rather than read
+whole: a 4.5 GB checkpoint costs page cache, not a second copy of the model in RAM. Published
+checkpoints use different key layouts; each entry has a ``remap`` that turns the file *as its
+authors publish it* into the timm layout (tests/test_encoder_layouts.py writes each of those
+layouts from the authors' architecture and compares embeddings), and a mismatch fails with the
+missing/unexpected keys named. docs/encoders.md lists the entries, their sources and licences.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import hashlib
 import importlib
 import json
 import re
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +42,15 @@ class EncoderError(ValueError):
 
 @dataclass(frozen=True)
 class EncoderSpec:
-    """How to build one encoder and what input it expects."""
+    """How to build one encoder and what input it expects.
+
+    ``build(**overrides)`` passes ``overrides`` to the timm constructor (e.g. ``depth=2``: the layout
+    tests build the published key structure at reduced depth); ``mpp`` is the scale the authors
+    pre-trained or recommend, which training uses unless the tiles are declared at another.
+    """
 
     name: str
-    build: Callable[[], nn.Module]
+    build: Callable[..., nn.Module]
     input_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
@@ -182,8 +191,23 @@ def sha256_file(path: Path) -> str:
 _NESTED_KEYS = ("state_dict", "model", "teacher", "student", "module", "net")
 
 
+def _torch_load(path: Path) -> object:
+    """``torch.load`` memory-mapped: tensors stay file-backed until copied into the model.
+
+    Files from before PyTorch 1.6 (not zip archives) cannot be mapped; those are read whole.
+    """
+    import zipfile
+
+    mmap = zipfile.is_zipfile(path)
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+
+
 def read_state_dict(path: str | Path) -> StateDict:
-    """Read tensors from safetensors or a torch checkpoint (``weights_only=True``)."""
+    """Read tensors from safetensors or a torch checkpoint (``weights_only=True``), memory-mapped.
+
+    safetensors' ``load_file`` maps the file (measured: +0 MB anonymous memory for a 1 GiB file,
+    against +1 GiB for a plain ``torch.load``); torch checkpoints are loaded with ``mmap=True``.
+    """
     path = Path(path)
     if not path.is_file():
         raise EncoderError(f"{path}: weights file does not exist")
@@ -193,7 +217,7 @@ def read_state_dict(path: str | Path) -> StateDict:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = _torch_load(path)
     except Exception as exc:  # pickle/safetensors raise many types; the user needs the file and cause
         raise EncoderError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from exc
     for _ in range(3):  # unwrap {"state_dict": {...}} / {"teacher": {...}} style checkpoints
@@ -283,8 +307,15 @@ def remap_timm_generic(state: StateDict) -> StateDict:
 
 
 def remap_hf_vit(state: StateDict) -> StateDict:
-    """Hugging Face ``ViTModel`` keys (e.g. Phikon) → timm ``VisionTransformer`` keys."""
+    """Hugging Face ``ViTModel`` keys (e.g. Phikon) → timm ``VisionTransformer`` keys.
+
+    Accepts ``ViTModel`` files (no prefix) and ``ViT*For*`` files (``vit.`` prefix). Dropped because
+    the embedding does not use them: the ``pooler`` (Phikon's embedding is the normed class token,
+    ``last_hidden_state[:, 0]``), ``embeddings.mask_token`` (masked-image pre-training only) and a
+    classification head.
+    """
     state = strip_prefixes(state, ("vit.", "module."))
+    state = {k: v for k, v in state.items() if not k.startswith(("pooler.", "classifier.", "embeddings.mask_token"))}
     if not any(k.startswith("embeddings.") for k in state):
         return drop_heads(state)  # already timm layout
     out: StateDict = {}
@@ -312,9 +343,7 @@ def remap_hf_vit(state: StateDict) -> StateDict:
             continue
         m = re.match(r"encoder\.layer\.(\d+)\.(.+)\.(weight|bias|lambda1)$", key)
         if not m:
-            if key.startswith("pooler."):
-                continue
-            out[key] = value
+            out[key] = value  # unknown: load_weights names it
             continue
         i, name, kind = int(m.group(1)), m.group(2), m.group(3)
         att = re.match(r"attention\.attention\.(query|key|value)$", name)
@@ -338,14 +367,34 @@ def remap_hf_vit(state: StateDict) -> StateDict:
 
 
 def remap_torchvision_resnet(state: StateDict) -> StateDict:
-    """RetCCL ships a torchvision ResNet-50 state dict (fc replaced): same names as timm."""
+    """RetCCL ships a torchvision ResNet-50 state dict (fc replaced by identity): same names as timm."""
     return drop_heads(strip_prefixes(state))
 
 
 def remap_ctranspath(state: StateDict) -> StateDict:
-    """CTransPath: timm Swin-T with a conv stem; drop the head and the non-persistent buffers."""
+    """CTransPath's ``ctranspath.pth`` (``{"model": ...}``, the TransPath authors' timm 0.5.4 Swin-T).
+
+    That Swin puts each stage's patch merging at the END of the stage (``layers.0.downsample`` exists)
+    and saves the ``relative_position_index``/``attn_mask`` buffers; timm 1.x merges at the START of the
+    next stage. timm's own ``swin_transformer.checkpoint_filter_fn`` converts exactly this (shifts
+    ``layers.i.downsample`` to ``layers.i+1.downsample``, drops the buffers), so it does the work here.
+    """
+    from timm.models.swin_transformer import checkpoint_filter_fn
+
     state = drop_heads(strip_prefixes(state))
-    return {k: v for k, v in state.items() if not k.endswith(("relative_position_index", "attn_mask"))}
+    tables = {  # (stage, block) -> heads, read off the relative-position tables [(2w-1)^2, heads]
+        (int(m.group(1)), int(m.group(2))): v.shape[1]
+        for k, v in state.items()
+        if (m := re.match(r"layers\.(\d+)\.blocks\.(\d+)\.attn\.relative_position_bias_table$", k))
+    }
+    if not tables:
+        return state  # not a Swin checkpoint: load_weights names the mismatch
+    stages = range(1 + max(s for s, _ in tables))
+    depths = tuple(1 + max(b for s, b in tables if s == i) for i in stages)
+    heads = tuple(tables[(i, 0)] for i in stages)
+    with torch.device("meta"):  # the filter reads module shapes only (window sizes, patch-embed kernel)
+        template = _ctranspath(depths=depths, num_heads=heads).net
+    return checkpoint_filter_fn(state, template)
 
 
 # --------------------------------------------------------------------------- architectures
@@ -377,8 +426,8 @@ class ConvStem(nn.Module):
         return self.norm(x)
 
 
-def _pooled(name: str, **kwargs) -> Callable[[], nn.Module]:
-    return lambda: PooledFeatures(timm.create_model(name, pretrained=False, num_classes=0, **kwargs))
+def _pooled(name: str, **kwargs) -> Callable[..., nn.Module]:
+    return lambda **over: PooledFeatures(timm.create_model(name, pretrained=False, num_classes=0, **kwargs | over))
 
 
 def _efficientnet_lite_weights(variant: str) -> Callable[[], Path]:
@@ -401,27 +450,27 @@ def _efficientnet_lite_weights(variant: str) -> Callable[[], Path]:
 _efficientnet_lite0_weights = _efficientnet_lite_weights("lite0")
 
 
-def _virchow2() -> nn.Module:
+def _virchow2(**over) -> nn.Module:
+    """Paige's published timm config (hf-hub:paige-ai/Virchow2) plus the SwiGLUPacked/SiLU their card adds."""
     from timm.layers import SwiGLUPacked
 
-    net = timm.create_model(
-        "vit_huge_patch14_224",
-        pretrained=False,
-        num_classes=0,
+    kwargs = dict(
         img_size=224,
         init_values=1e-5,
         mlp_ratio=5.3375,
         reg_tokens=4,
+        global_pool="",
         mlp_layer=SwiGLUPacked,
         act_layer=nn.SiLU,
         dynamic_img_size=True,
     )
-    return ClassAndMeanToken(net, n_prefix=5)
+    net = timm.create_model("vit_huge_patch14_224", pretrained=False, num_classes=0, **kwargs | over)
+    return ClassAndMeanToken(net, n_prefix=1 + net.num_reg_tokens)
 
 
-def _ctranspath() -> nn.Module:
+def _ctranspath(**over) -> nn.Module:
     return PooledFeatures(
-        timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, embed_layer=ConvStem)
+        timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, num_classes=0, embed_layer=ConvStem, **over)
     )
 
 
@@ -466,6 +515,7 @@ register(
         mpp=1.0,
         remap=remap_ctranspath,
         pretraining="SRCL/MoCo v3 on TCGA+PAIP (Wang et al. 2022)",
+        extra={"source": "github.com/Xiyue-Wang/TransPath ctranspath.pth", "licence": "GPL-3.0"},
         description="Swin-T with conv stem, 768-d.",
     )
 )
@@ -476,6 +526,7 @@ register(
         mpp=0.5,
         remap=remap_hf_vit,
         pretraining="iBOT on TCGA (Owkin, Filiot et al. 2023)",
+        extra={"source": "huggingface.co/owkin/phikon model.safetensors", "licence": "Owkin non-commercial"},
         description="ViT-B/16 class token, 768-d.",
     )
 )
@@ -486,6 +537,7 @@ register(
         mpp=0.5,
         remap=remap_timm_generic,
         pretraining="DINOv2 on Mass-100K (Chen et al. 2024)",
+        extra={"source": "huggingface.co/MahmoodLab/UNI pytorch_model.bin", "licence": "CC-BY-NC-ND-4.0"},
         description="ViT-L/16, 1024-d.",
     )
 )
@@ -498,6 +550,7 @@ register(
         mpp=0.5,
         remap=remap_timm_generic,
         pretraining="DINOv2 on 500k+ slides (Bioptimus 2024)",
+        extra={"source": "huggingface.co/bioptimus/H-optimus-0", "licence": "Apache-2.0"},
         description="ViT-g/14 with 4 registers, 1536-d.",
     )
 )
@@ -508,6 +561,7 @@ register(
         mpp=0.5,
         remap=remap_timm_generic,
         pretraining="DINOv2 on 3.1M slides (Paige, Zimmermann et al. 2024)",
+        extra={"source": "huggingface.co/paige-ai/Virchow2", "licence": "CC-BY-NC-ND-4.0"},
         description="ViT-H/14 with registers, SwiGLU; class token + mean patch token, 2560-d.",
     )
 )
@@ -515,10 +569,12 @@ register(
     EncoderSpec(
         name="retccl",
         build=_pooled("resnet50"),
+        input_size=256,  # the authors' get_feature.py: transforms.Resize(256), no crop
         mpp=1.0,
         remap=remap_torchvision_resnet,
         pretraining="Clustering-guided contrastive learning on TCGA+PAIP (Wang et al. 2023)",
         description="ResNet-50 pooled, 2048-d.",
+        extra={"source": "github.com/Xiyue-Wang/RetCCL best_ckpt.pth", "licence": "GPL-3.0, non-commercial academic"},
     )
 )
 register(
@@ -526,10 +582,15 @@ register(
         name="lunit_dino",
         build=_pooled("vit_small_patch16_224"),
         mpp=0.5,
+        # published with the weights (github.com/lunit-io/benchmark-ssl-pathology, release pretrained-weights)
         mean=(0.70322989, 0.53606487, 0.66096631),
-        std=(0.21716536, 0.26081574, 0.19938057),
+        std=(0.21716536, 0.26081574, 0.20723464),
         remap=remap_timm_generic,
         pretraining="DINO on 36k WSIs (Lunit, Kang et al. 2023)",
+        extra={
+            "source": "lunit-io/benchmark-ssl-pathology dino_vit_small_patch16_ep200.torch",
+            "licence": "Lunit non-commercial",
+        },
         description="ViT-S/16 class token, 384-d.",
     )
 )
@@ -581,10 +642,14 @@ def spec_from_description(path: Path) -> EncoderSpec:
     )
 
 
-def build_encoder(name: str, weights: str | Path | None = None, *, random_init: bool = False) -> FrozenEncoder:
+def build_encoder(
+    name: str, weights: str | Path | None = None, *, random_init: bool = False, overrides: dict | None = None
+) -> FrozenEncoder:
     """Build a frozen encoder by name; load ``weights`` (or the entry's default weights file).
 
-    ``random_init=True`` builds the architecture without any weights (the benchmark's control).
+    ``random_init=True`` builds the architecture without any weights (the benchmark's control);
+    ``overrides`` go to the architecture's constructor (``depth=2``: a smaller network with the same
+    key layout, for tests).
     """
     if STACK_SEPARATOR in name:
         if weights:
@@ -594,7 +659,7 @@ def build_encoder(name: str, weights: str | Path | None = None, *, random_init: 
             )
         return _build_stack(name, random_init)
     spec = spec_for(name)
-    features = spec.build()
+    features = spec.build(**(overrides or {}))
     weights_path: Path | None = None
     if not random_init:
         weights_path = Path(weights) if weights else (spec.default_weights() if spec.default_weights else None)
@@ -608,6 +673,32 @@ def build_encoder(name: str, weights: str | Path | None = None, *, random_init: 
             f"encoder {spec.name!r} has no built-in weights: pass --weights FILE (safetensors or torch checkpoint)"
         )
     return FrozenEncoder(spec, features, sha)
+
+
+MPP_TOLERANCE = 0.1  # relative: Kather's 0.495 µm/px is "0.5"; 0.5 against 1.0 is not
+
+
+def training_mpp(spec: EncoderSpec, declared: float | None) -> float:
+    """The µm/px the card records for the training tiles: as declared, else the encoder's intended one.
+
+    Warns (stderr) when the tiles are declared at a scale the encoder was not pre-trained for: its
+    embeddings are then computed on tissue magnified differently from what it learned (e.g. CTransPath
+    and RetCCL are recommended at 1.0 µm/px by their authors, most ViTs at 0.5).
+    """
+    if declared is None:
+        if spec.mpp is None:
+            raise EncoderError(f"encoder {spec.name!r} has no intended µm/px: pass --mpp for the training tiles")
+        return spec.mpp
+    if declared <= 0:
+        raise EncoderError(f"--mpp must be positive, got {declared}")
+    if spec.mpp is not None and abs(declared - spec.mpp) > MPP_TOLERANCE * spec.mpp:
+        print(
+            f"warning: tiles declared at {declared:g} µm/px but encoder {spec.name!r} was pre-trained at "
+            f"{spec.mpp:g} µm/px; its embeddings will see tissue at {spec.mpp / declared:.2g}x the scale it "
+            f"learned (cut or resample the tiles at {spec.mpp:g} µm/px if you can)",
+            file=sys.stderr,
+        )
+    return declared
 
 
 def stack_spec(name: str) -> EncoderSpec:
