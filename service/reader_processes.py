@@ -27,7 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
-from service.slides import SlideError, TileGrid, open_slide, read_tile
+from service.slide_faults import ReopeningSlide, TileFaults, read_tiles_or_record
+from service.slides import SlideError, TileGrid, read_tile
 
 log = logging.getLogger("histo_robust.readers")
 
@@ -36,11 +37,14 @@ _POLL_S = 1.0
 
 
 def _read_loop(shm_name: str, shape: tuple[int, ...], tasks, done, parent: int) -> None:
-    """A reader process: read each task's tiles into its ring slot, answer ``(seq, slot, error)``."""
+    """A reader process: read each task's tiles into its ring slot, answer ``(seq, slot, error, faults)``.
+
+    With ``tolerant`` tasks an unreadable tile is filled, listed in ``faults`` as ``(x, y, error)``
+    and the handle reopened (OpenSlide fails every read on a handle after its first error)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the job's to handle; it stops the readers
     shm = SharedMemory(name=shm_name)
     ring = np.ndarray(shape, np.uint8, buffer=shm.buf)
-    current: tuple[str, object] | None = None  # (path, OpenSlide handle) of the slide being read
+    current: tuple[str, ReopeningSlide] | None = None  # (path, handle) of the slide being read
     try:
         while True:
             try:
@@ -51,18 +55,23 @@ def _read_loop(shm_name: str, shape: tuple[int, ...], tasks, done, parent: int) 
                 continue
             if task is None:
                 return
-            seq, path, level, read_size, coords, slot = task
+            seq, path, level, read_size, coords, slot, tolerant = task
             try:
                 if current is None or current[0] != path:
                     if current is not None:
                         current[1].close()
                         current = None
-                    current = (path, open_slide(Path(path)))
-                for i, (x, y) in enumerate(coords):
-                    ring[slot, i] = read_tile(current[1], x, y, level, read_size, shape[2])
-                done.put((seq, slot, None))
+                    current = (path, ReopeningSlide(Path(path)))
+                faults = TileFaults()
+                if tolerant:
+                    read_tiles_or_record(current[1], coords, ring[slot], level, read_size, faults)
+                else:
+                    for i, (x, y) in enumerate(coords):
+                        ring[slot, i] = read_tile(current[1].slide, x, y, level, read_size, shape[2])
+                done.put((seq, slot, None, [(x, y, e) for (x, y), e in faults.errors.items()]))
             except Exception as exc:  # OpenSlide and PIL raise several types for a bad file or region
-                done.put((seq, slot, str(exc) if isinstance(exc, SlideError) else f"{type(exc).__name__}: {exc}"))
+                error = str(exc) if isinstance(exc, SlideError) else f"{type(exc).__name__}: {exc}"
+                done.put((seq, slot, error, []))
     finally:
         if current is not None:
             current[1].close()
@@ -136,7 +145,7 @@ class ReaderProcesses:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _answer(self) -> tuple[int, int, str | None]:
+    def _answer(self) -> tuple[int, int, str | None, list]:
         """The next finished task; a reader that died makes this a :class:`SlideError`."""
         while True:
             try:
@@ -147,8 +156,13 @@ class ReaderProcesses:
                     codes = ", ".join(f"{p.name} exit code {p.exitcode}" for p in dead)
                     raise _ReadersDied(f"tile reader process died ({codes})") from None
 
-    def stream(self, path: Path, grid: TileGrid, starts: list[int]) -> Iterator[tuple[int, np.ndarray]]:
+    def stream(
+        self, path: Path, grid: TileGrid, starts: list[int], faults: TileFaults | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, pixels)`` for each batch start, in order, read ahead by the processes.
+
+        With ``faults``, an unreadable tile is recorded there (before its batch is yielded) and the
+        slide goes on; without, it fails the slide.
 
         ``pixels`` is a view of a ring slot, valid until the next batch is asked for: the slot is
         then handed to another read. Closing the generator early waits for the reads in flight, so
@@ -171,14 +185,16 @@ class ReaderProcesses:
                     k, start = item
                     coords = grid.coords[start : start + self.batch_size]
                     slot = free.pop()
-                    self._tasks.put((k, str(path), grid.level, grid.read_size, coords, slot))
+                    self._tasks.put((k, str(path), grid.level, grid.read_size, coords, slot, faults is not None))
                     in_flight[k] = slot
                 if seq not in in_flight and seq not in answered:
                     return
                 while seq not in answered:
-                    k, slot, error = self._answer()
+                    k, slot, error, bad = self._answer()
                     del in_flight[k]
                     answered[k] = (slot, error)
+                    for x, y, why in bad:
+                        faults.add(x, y, why)
                 slot, error = answered.pop(seq)
                 if error is not None:
                     raise SlideError(f"{path}: reading tiles failed ({error})")
@@ -194,7 +210,7 @@ class ReaderProcesses:
         finally:
             try:
                 while in_flight:  # reads already sent still write their slots: let them finish
-                    k, _, _ = self._answer()
+                    k, *_ = self._answer()
                     in_flight.pop(k, None)
             except _ReadersDied:
                 self._stop()

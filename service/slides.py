@@ -9,6 +9,7 @@ amount of pixels at a time, so memory does not grow with the slide's size.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -41,14 +42,25 @@ def open_slide(path: Path) -> openslide.OpenSlide:
 
 
 def expand_inputs(inputs: list[str]) -> list[Path]:
-    """Files as given, folders as their slide files (by suffix, not recursive), in sorted order."""
+    """Files as given, folders as their slide files (by suffix, not recursive), in sorted order.
+
+    A folder or file reached twice (given twice, or through a symbolic link, a loop included) is
+    listed once, so a job neither runs nor counts it twice."""
     slides: list[Path] = []
+    seen: set[str] = set()  # real paths (os.path.realpath never raises on a symlink loop)
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            slides += sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
+            if os.path.realpath(path) in seen:
+                continue
+            seen.add(os.path.realpath(path))
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in SLIDE_SUFFIXES and p.is_file())
         else:
-            slides.append(path)
+            found = [path]
+        for slide in found:
+            if os.path.realpath(slide) not in seen:
+                seen.add(os.path.realpath(slide))
+                slides.append(slide)
     return slides
 
 

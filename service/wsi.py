@@ -40,6 +40,14 @@ from models.card import ModelCard, ModelLoadError, write_atomic
 from service.outputs import TileTable, write_geojson, write_heatmap, write_summary, write_tiles_csv
 from service.reader_processes import ReaderProcesses
 from service.runtime import Prediction, Runtime
+from service.slide_faults import (
+    FaultTolerantTileReader,
+    TileFaults,
+    failure_stage,
+    remove_stale_temporaries,
+    split_unreadable,
+    unreadable_rows,
+)
 from service.slides import (
     DEFAULT_MIN_TISSUE,
     SLIDE_SUFFIXES,
@@ -143,21 +151,25 @@ def read_partial(path: Path, grid: TileGrid, n_classes: int, batch_size: int) ->
     return np.array(rows[:keep], dtype=np.float64).reshape(-1, n_fields)
 
 
-def _format_rows(start: int, grid: TileGrid, prediction: Prediction) -> str:
-    """Partial-file lines; ``%.9g`` round-trips float32 exactly, so a resumed job loses nothing."""
+def _format_rows(start: int, grid: TileGrid, prediction: Prediction, bad: np.ndarray | None = None) -> str:
+    """Partial-file lines; ``%.9g`` round-trips float32 exactly, so a resumed job loses nothing.
+    Unreadable tiles (``bad``) get NaN probabilities (see :mod:`service.slide_faults`)."""
     n = len(prediction.probabilities)
+    probabilities = prediction.probabilities if bad is None else unreadable_rows(prediction.probabilities, bad)
     ood = prediction.ood_scores if prediction.ood_scores is not None else np.full(n, np.nan, np.float32)
     lines = []
     for k in range(n):
         i = start + k
         x, y = grid.coords[i]
-        values = ",".join(f"{float(v):.9g}" for v in (*prediction.probabilities[k], ood[k]))
+        values = ",".join(f"{float(v):.9g}" for v in (*probabilities[k], ood[k]))
         lines.append(f"{i},{x},{y},{values}\n")
     return "".join(lines)
 
 
-def _append_durably(handle: Any, start: int, grid: TileGrid, prediction: Prediction) -> None:
-    handle.write(_format_rows(start, grid, prediction))
+def _append_durably(
+    handle: Any, start: int, grid: TileGrid, prediction: Prediction, bad: np.ndarray | None = None
+) -> None:
+    handle.write(_format_rows(start, grid, prediction, bad))
     handle.flush()
     os.fsync(handle.fileno())  # a completed batch survives SIGKILL and power loss
 
@@ -299,7 +311,9 @@ def _slide_steps(
         raise ValueError(f"the reader processes read batches of {readers.batch_size}, not {batch_size}")
     if not 0 <= min_tissue <= 1:
         raise ValueError(f"min_tissue must be within [0, 1], got {min_tissue}")
-    slide = open_slide(path)
+    stage = "open"  # named in any failure (see service.slide_faults)
+    with failure_stage(path, stage):
+        slide = open_slide(path)
     try:
         level0_mpp, mpp_source = slide_mpp(slide, path, mpp)
         if level0_mpp > runtime.card.mpp * 1.1:
@@ -313,6 +327,7 @@ def _slide_steps(
         signature = job_signature(path, runtime, level0_mpp, min_tissue)
         out_dir.mkdir(parents=True, exist_ok=True)
         with _exclusive(out_dir, lock_wait):
+            remove_stale_temporaries(out_dir)  # of a write a kill interrupted; the lock says no one owns them
             if (previous := _outputs_done(out_dir, signature)) is not None:
                 log.info("%s: already done with this model and these arguments, skipping", path.name)
                 (out_dir / PARTIAL).unlink(missing_ok=True)
@@ -320,9 +335,11 @@ def _slide_steps(
                 if prepared is not None:
                     prepared.cancel()
                 return previous
+            stage = "tissue_mask"
             ready = prepared.result() if prepared is not None else _prepare(slide, runtime, level0_mpp, min_tissue)
             mask, mask_ds, grid = ready.mask, ready.mask_downsample, ready.grid
             timings = {"tissue_mask": ready.seconds}
+            stage = "tiles"
             resumed = _classify_tiles(
                 path,
                 grid,
@@ -338,7 +355,8 @@ def _slide_steps(
             )
             yield  # the rest only writes outputs: a multi-slide job lets it finish in the background
             t0 = time.perf_counter()
-            table = _tile_table(out_dir / PARTIAL, grid, runtime, batch_size, path)
+            stage = "outputs"
+            table, unreadable = _tile_table(out_dir / PARTIAL, grid, runtime, batch_size, path)
             _write_outputs(slide, path, runtime.card, table, out_dir)
             timings["outputs"] = time.perf_counter() - t0
             timings["total"] = time.perf_counter() - started
@@ -359,6 +377,8 @@ def _slide_steps(
                 "min_tissue": min_tissue,
                 "grid_tiles": grid.n_grid,
                 "tiles": len(table),
+                "unreadable_tiles": len(unreadable),
+                "unreadable_tile_coords": unreadable,  # level-0 [x, y] of tiles OpenSlide could not read
                 "tissue_area_mm2": round(float(mask.sum() * (mask_ds * level0_mpp) ** 2 / 1e6), 4),
                 "class_counts": counts,
                 "class_fractions": {c: round(n / len(table), 6) if len(table) else 0.0 for c, n in counts.items()},
@@ -388,6 +408,9 @@ def _slide_steps(
             (out_dir / PARTIAL).unlink(missing_ok=True)
             (out_dir / JOB).unlink(missing_ok=True)
             return summary
+    except Exception:
+        with failure_stage(path, stage):
+            raise
     finally:
         slide.close()
 
@@ -471,8 +494,9 @@ def _classify_tiles(
     t_wait = t_infer = t_write = 0.0
     t0 = time.perf_counter()
     starts = list(range(resumed, len(grid.coords), batch_size))
+    faults = TileFaults()  # unreadable tiles: recorded, and the slide goes on
     if starts:
-        reader = TileReader(path, grid, runtime.card.input_size) if readers is None else None
+        reader = FaultTolerantTileReader(path, grid, runtime.card.input_size, faults) if readers is None else None
         bar = tqdm(
             total=len(grid.coords),
             initial=resumed,
@@ -482,7 +506,7 @@ def _classify_tiles(
             dynamic_ncols=True,
         )
         batches = (
-            readers.stream(path, grid, starts)
+            readers.stream(path, grid, starts, faults=faults)
             if readers is not None
             else stream_batches(reader, grid, starts, batch_size, workers)
         )
@@ -510,7 +534,8 @@ def _classify_tiles(
                     t3 = time.perf_counter()
                     if writing is not None:
                         writing.result()  # one batch in writing at most; a failed write stops the slide
-                    writing = writer.submit(_append_durably, handle, start, grid, prediction)
+                    bad = faults.mask(grid.coords[start : start + len(pixels)])
+                    writing = writer.submit(_append_durably, handle, start, grid, prediction, bad)
                     t_wait, t_infer = t_wait + t2 - t1, t_infer + t3 - t2
                     t_write += time.perf_counter() - t3
                     bar.update(len(pixels))
@@ -525,13 +550,17 @@ def _classify_tiles(
     return resumed
 
 
-def _tile_table(partial: Path, grid: TileGrid, runtime: Runtime, batch_size: int, path: Path) -> TileTable:
-    """All tile results, from the partial file, in grid order; refuses anything short of complete."""
+def _tile_table(
+    partial: Path, grid: TileGrid, runtime: Runtime, batch_size: int, path: Path
+) -> tuple[TileTable, list[list[int]]]:
+    """All tile results, from the partial file, in grid order; refuses anything short of complete.
+    Also returns the level-0 ``[x, y]`` of the tiles that could not be read (left out of the table)."""
     n_classes = len(runtime.card.classes)
     records = read_partial(partial, grid, n_classes, batch_size)
     if len(records) != len(grid.coords):
         raise SlideError(f"{path}: {len(records)} tile results for {len(grid.coords)} tiles; rerun to resume")
-    return TileTable(
+    records, unreadable = split_unreadable(records, n_classes)
+    table = TileTable(
         runtime.card.classes,
         grid.side,
         records[:, 1:3].astype(np.int64),
@@ -540,6 +569,7 @@ def _tile_table(partial: Path, grid: TileGrid, runtime: Runtime, batch_size: int
         runtime.abstain_threshold,
         runtime.ood_threshold,
     )
+    return table, unreadable
 
 
 def _write_outputs(slide: openslide.OpenSlide, path: Path, card: ModelCard, table: TileTable, out_dir: Path) -> None:
@@ -560,10 +590,16 @@ def plan_slides(slides: list[Path], out: Path) -> list[tuple[Path, Exception | N
     output folder another slide of the same name already takes; a file given twice runs once."""
     owners: dict[str, Path] = {}
     planned: set[Path] = set()  # resolved paths of the slides that will run
+    planned_links: set[str] = set()
     plan: list[tuple[Path, Exception | None]] = []
     for path in slides:
         if not path.is_file():
-            plan.append((path, SlideError(f"{path}: no such file")))
+            if path.is_symlink():  # a dangling or looping link: listed once, however often it is reached
+                if os.path.realpath(path) in planned_links:
+                    continue
+                planned_links.add(os.path.realpath(path))
+            why = "broken or looping symbolic link" if path.is_symlink() else "no such file"
+            plan.append((path, SlideError(f"{path}: {why}")))
             continue
         owner = owners.setdefault(path.stem, path)
         if owner.resolve() != path.resolve():

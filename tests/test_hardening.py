@@ -3,10 +3,14 @@ stalled bodies, slide uploads, task ids after a restart, EXIF orientation."""
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -15,10 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import requests
+import tifffile
 from PIL import Image
 
 from service.images import load_rgb
 from service.local_server import start_server, stop_server
+from service.runtime import Runtime
+from service.slides import expand_inputs
+from service.wsi import classify_slide, plan_slides, run_job
+from tests.slide_factory import tissue_image, write_pyramid
 
 ROOT = Path(__file__).resolve().parent.parent
 TILES = sorted((ROOT / "tests" / "fixtures" / "kather").glob("*/*.webp"))
@@ -278,3 +287,163 @@ def test_shutdown_does_not_wait_for_stalled_bodies_and_lost_tasks_say_so(server)
         assert response.status_code == 404
         body = response.json()
         assert body["error"] == "task_not_found" and "lost when it restarts" in body["detail"]
+
+
+# --- the slide job ---------------------------------------------------------------------------------
+
+BOX = (300, 450, 1050, 1350)  # 30 tissue tiles of 150 px at 0.495 µm/px
+SIDE = 4096  # the tissue mask (at most 2048 px a side) then reads level 1, and tiles read level 0
+TIFF_TILE = 256  # the generated pyramid's own tile size
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Runtime:
+    return Runtime(ROOT / "models" / "default", device="cpu")
+
+
+def _corrupt_tiff_tiles(path: Path, page: int, tiles: list[int]) -> None:
+    """Overwrite compressed tiles of one TIFF page with junk: zlib then fails on exactly those."""
+    with tifffile.TiffFile(path) as tif:
+        spans = [(tif.pages[page].dataoffsets[k], tif.pages[page].databytecounts[k]) for k in tiles]
+    with open(path, "r+b") as handle:
+        for offset, count in spans:
+            handle.seek(offset)
+            handle.write(b"\xff" * count)
+
+
+@pytest.fixture(scope="module")
+def slide_pair(tmp_path_factory) -> dict[str, Path]:
+    """The same generated slide intact and with one level-0 TIFF tile (512-768, 512-768) corrupt,
+    which only tile reads touch."""
+    d = tmp_path_factory.mktemp("slides")
+    image = tissue_image(SIDE, SIDE, [BOX])
+    (d / "good").mkdir(), (d / "bad").mkdir()
+    good, bad = (write_pyramid(d / kind / "slide.tiff", image, 0.495) for kind in ("good", "bad"))
+    _corrupt_tiff_tiles(bad, 0, [2 * (SIDE // TIFF_TILE) + 2])
+    return {"good": good, "bad": bad}
+
+
+@pytest.fixture(scope="module")
+def reference(slide_pair, runtime, tmp_path_factory) -> tuple[dict, Path]:
+    """The intact slide's summary and output folder, classified once for the tests below."""
+    out = tmp_path_factory.mktemp("reference")
+    return classify_slide(slide_pair["good"], runtime, out, batch_size=8, workers=2, progress=False), out
+
+
+def _rows(path: Path) -> dict[tuple[str, str], dict]:
+    with open(path) as handle:
+        return {(r["x"], r["y"]): r for r in csv.DictReader(handle)}
+
+
+@pytest.mark.parametrize("readers", ["threads", "processes"])
+def test_an_unreadable_tile_is_recorded_and_the_rest_of_the_slide_completes(
+    slide_pair, reference, runtime, tmp_path, readers
+):
+    reference, reference_dir = reference
+    if readers == "threads":
+        failures = run_job([slide_pair["bad"]], runtime, tmp_path / "out", progress=False, batch_size=8, workers=2)
+    else:
+        failures = run_job(
+            [slide_pair["bad"]], runtime, tmp_path / "out", progress=False, batch_size=8, reader_processes=2
+        )
+    assert failures == []
+    summary = json.loads((tmp_path / "out" / "slide" / "summary.json").read_text())
+    # the grid tiles whose read overlaps the corrupt TIFF tile, and no others
+    side = reference["tile_side_level0_px"]
+    good_rows = _rows(reference_dir / "tiles.csv")
+    expected = sorted(
+        [int(x), int(y)]
+        for x, y in good_rows
+        if int(x) < 768 and int(x) + side > 512 and int(y) < 768 and int(y) + side > 512
+    )
+    assert expected and summary["unreadable_tiles"] == len(expected)
+    assert sorted(summary["unreadable_tile_coords"]) == expected
+    assert summary["tiles"] == reference["tiles"] - len(expected) and summary["readers"] == readers
+    rows = _rows(tmp_path / "out" / "slide" / "tiles.csv")
+    assert set(rows) == set(good_rows) - {(str(x), str(y)) for x, y in expected}
+    for key, row in rows.items():  # every readable tile is classified as in the intact slide
+        assert row == good_rows[key]
+    geo = json.loads((tmp_path / "out" / "slide" / "predictions.geojson").read_text())
+    assert len(geo["features"]) == summary["tiles"]
+    assert sorted(p.name for p in (tmp_path / "out" / "slide").iterdir()) == [
+        "heatmap.png",
+        "predictions.geojson",
+        "summary.json",
+        "tiles.csv",
+    ]
+
+
+def test_a_tissue_mask_failure_names_the_slide_and_the_stage(tmp_path, runtime, caplog):
+    broken = write_pyramid(tmp_path / "masked.tiff", tissue_image(2048, 2048, [BOX]), 0.495)
+    _corrupt_tiff_tiles(broken, 0, [2 * (2048 // TIFF_TILE) + 2])  # a 2048 px slide's mask reads level 0
+    with caplog.at_level("ERROR"):
+        failures = run_job([broken], runtime, tmp_path / "out", progress=False, batch_size=8, workers=2)
+    assert [f["slide"] for f in failures] == [str(broken)]
+    error = failures[0]["error"]
+    assert str(broken) in error and "[stage: tissue_mask]" in error and "ZIPDecode" in error
+    assert "unexpected error" not in caplog.text  # a recorded failure, not a traceback
+    assert json.loads((tmp_path / "out" / "failures.json").read_text()) == failures
+
+
+_KILL_IN_OUTPUTS = """
+import os, signal, sys
+from pathlib import Path
+import service.wsi as wsi
+from models.card import atomic_file
+from service.runtime import Runtime
+
+def dies_while_writing(path, table):  # a SIGKILL in the middle of an atomic write
+    with atomic_file(path, "w") as handle:
+        handle.write("half a file")
+        handle.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+wsi.write_geojson = dies_while_writing
+runtime = Runtime(sys.argv[3], device="cpu")
+wsi.classify_slide(Path(sys.argv[1]), runtime, Path(sys.argv[2]), batch_size=8, workers=2, progress=False)
+"""
+
+
+def test_resume_after_a_kill_in_output_writing_removes_the_stale_temporary_file(
+    slide_pair, reference, runtime, tmp_path
+):
+    reference = reference[1]
+    out = tmp_path / "killed"
+    killed = subprocess.run(
+        [sys.executable, "-c", _KILL_IN_OUTPUTS, str(slide_pair["good"]), str(out), str(ROOT / "models" / "default")],
+        cwd=ROOT,
+        capture_output=True,
+        timeout=120,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    stale = [p.name for p in out.glob(".*.tmp")]
+    assert stale and stale[0].startswith(".predictions.geojson."), sorted(p.name for p in out.iterdir())
+    summary = classify_slide(slide_pair["good"], runtime, out, batch_size=8, workers=2, progress=False)
+    assert summary["resumed_tiles"] == summary["tiles"]  # every tile came from the killed run
+    assert sorted(p.name for p in out.iterdir()) == ["heatmap.png", "predictions.geojson", "summary.json", "tiles.csv"]
+    for name in ("tiles.csv", "predictions.geojson", "heatmap.png"):
+        assert (out / name).read_bytes() == (reference / name).read_bytes(), name
+
+
+def test_a_folder_reached_twice_through_a_symlink_loop_is_walked_once(slide_pair, tmp_path):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    (folder / "slide.tiff").symlink_to(slide_pair["good"])
+    (folder / "again").symlink_to(folder, target_is_directory=True)  # folder/again/again/... forever
+    (folder / "loop.svs").symlink_to(folder / "loop.svs")  # a link to itself
+    inputs = [
+        str(folder),
+        str(folder / "again"),
+        str(folder / "again" / "again"),
+        str(folder / "loop.svs"),
+        str(folder / "again" / "loop.svs"),
+    ]
+    slides = expand_inputs(inputs)
+    assert slides == [folder / "slide.tiff", folder / "loop.svs"]
+    # the job's plan: the slide runs once, the looping link is one failure however often it is given
+    plan = plan_slides([*slides, folder / "again" / "slide.tiff", folder / "again" / "loop.svs"], tmp_path / "out")
+    assert [(path, error is None) for path, error in plan] == [
+        (folder / "slide.tiff", True),
+        (folder / "loop.svs", False),
+    ]
+    assert str(plan[1][1]) == f"{folder / 'loop.svs'}: broken or looping symbolic link"
