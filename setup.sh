@@ -21,6 +21,8 @@ esac
 
 # System packages the test suite needs (--dev only), one entry per line.
 DEV_SYSTEM_PACKAGES=(
+  chromium         # tests/test_review.py: the review page in a real headless browser
+  chromium-driver
 )
 
 PYTHON="${PYTHON:-python3.11}"
