@@ -36,6 +36,7 @@ COMMANDS: dict[str, Command] = {
     "slides": Command("service.wsi", "main", "classify whole slides: tiles.csv, QuPath GeoJSON, heatmap, summary"),
     "serve": Command("histo_robust.cli", "serve", "serve the HTTP API (bentoml serve; its options pass through)"),
     "pretrain": Command("training.pretrain", "main", "contrastive (SimCLR) pre-training of an encoder on your tiles"),
+    "review": Command("training.review", "main", "review a run's suspected mislabels in the browser (corrections.csv)"),
 }
 
 
