@@ -87,5 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
         return 2
     function = getattr(importlib.import_module(command.module), command.function)
+    # The mains record `sys.argv[1:]` as the command that made an artifact (card.json's reproduce):
+    # give them their own arguments, not this dispatcher's.
+    sys.argv = [f"{PROG} {name}", *rest]
     result = function(rest)
     return result if isinstance(result, int) else 0

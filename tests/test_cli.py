@@ -16,7 +16,7 @@ import pytest
 import requests
 from packaging.requirements import Requirement
 
-from histo_robust.cli import COMMANDS, main
+from histo_robust.cli import COMMANDS, Command, main
 from service.local_server import free_port, stop_server
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -57,6 +57,18 @@ def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
         assert "usage" in out.lower(), name
         if name in expected:
             assert expected[name] in out, name
+
+
+def _argv_probe(argv: list[str]) -> int:
+    return 0 if sys.argv[1:] == argv == ["--data", "x y"] else 1
+
+
+def test_a_command_sees_its_own_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.py records `sys.argv[1:]` in the card as the command to reproduce a model: it must not
+    carry the dispatcher's command name."""
+    monkeypatch.setattr(sys, "argv", ["histo-robust", "probe", "--data", "x y"])
+    monkeypatch.setitem(COMMANDS, "probe", Command(__name__, "_argv_probe", "test"))
+    assert main() == 0
 
 
 def test_slides_matches_service_wsi_and_never_imports_torch(tmp_path: Path) -> None:
