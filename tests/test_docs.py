@@ -4,7 +4,9 @@ test command."""
 
 from __future__ import annotations
 
+import fnmatch
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -75,3 +77,32 @@ def test_ci_runs_the_readme_commands() -> None:
     assert "--dev" in test_cmd
     ci = [line for line in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines() if line.strip()]
     assert ci[-1] == test_cmd, f".ci/run runs {ci[-1]!r}, the README says {test_cmd!r}"
+
+
+def _expand_braces(pattern: str) -> list[str]:
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    head, tail = pattern[: match.start()], pattern[match.end() :]
+    return [p for part in match.group(1).split(",") for p in _expand_braces(head + part + tail)]
+
+
+def test_every_results_file_is_indexed() -> None:
+    """benchmarks/results/README.md names the script and machine of every file there (first column)."""
+    index = ROOT / "benchmarks" / "results" / "README.md"
+    patterns = [
+        p.rstrip("/")
+        for line in index.read_text(encoding="utf-8").splitlines()
+        if line.startswith("| `")
+        for token in re.findall(r"`([^`]+)`", line.split("|")[1])
+        for p in _expand_braces(token)
+    ]
+    # Committed files only: a run's scratch output in a working tree is not a result yet.
+    listed = subprocess.run(
+        ["git", "ls-files", "."], cwd=index.parent, capture_output=True, text=True, check=True
+    ).stdout.split()
+    entries = {path.split("/")[0] for path in listed} - {"README.md"}
+    missing = [
+        name for name in entries if not any(fnmatch.fnmatch(name, pattern.split("/")[0]) for pattern in patterns)
+    ]
+    assert not missing, f"not in {index.relative_to(ROOT)}: {sorted(missing)}"
