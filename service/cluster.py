@@ -188,6 +188,8 @@ def run_cluster_job(
         {"slide": str(path), "status": "failed", "error": str(error)} if error else {"slide": str(path)}
         for path, error in plan
     ]
+    for error in (error for _, error in plan if error is not None):
+        print(f"error: {error}", file=sys.stderr, flush=True)
     todo = sorted(
         (SlideTask(i, path, path.stat().st_size) for i, (path, error) in enumerate(plan) if error is None),
         key=lambda task: -task.size,  # largest first: the job should not end waiting on one big slide
@@ -208,6 +210,7 @@ def run_cluster_job(
             )
             size = max(1, min(len(todo), capacity))
             pool = _Pool(actor_class, (model, device, env, worker_options), size)
+            pool.needs = f"each worker needs {resources}; the cluster has {ray.cluster_resources()}"
             log.info("%d slides on %d Ray workers of %s each", len(todo), size, resources)
             connected = time.perf_counter() - began
             pool.run(todo, out, entries, max_attempts, start_timeout)
@@ -238,6 +241,7 @@ class _Pool:
         self.idle: list[Any] = []
         self.replacements = 0
         self.last_error = ""
+        self.needs = ""
         self.out = Path()
         for _ in range(size):
             self._start()
@@ -274,7 +278,9 @@ class _Pool:
                     else:
                         self._finished(ref, running.pop(ref), queue, entries, max_attempts)
                 if queue and not running and not self.idle and time.monotonic() - progress_at > start_timeout:
-                    self.last_error = f"no Ray worker could start within {start_timeout:.0f} s. {self.last_error}"
+                    self.last_error = (
+                        f"no Ray worker could start within {start_timeout:.0f} s ({self.needs}). {self.last_error}"
+                    )
                     break
             for task in queue:
                 entry = entries[task.index]
@@ -335,7 +341,8 @@ class _Pool:
             self.idle.append(actor)
         else:
             self.idle.append(actor)
-        entry.update(result, attempts=task.attempts)
+        # the driver's view: hand-out to result, so the difference to "seconds" is Ray's part
+        entry.update(result, attempts=task.attempts, round_trip_seconds=round(time.monotonic() - started, 3))
         if result["status"] == "failed":
             print(f"error: {result['error']}", file=sys.stderr, flush=True)
         else:

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import psutil
 
-RAY = str(Path(sys.executable).with_name("ray"))
+# `ray` as this interpreter runs it: no console script needed (a machine with Ray installed by --target has none)
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
 READY = "Ray runtime started."
 
 
@@ -70,7 +71,7 @@ class LocalRayCluster:
         with log.open("w") as output:  # the node keeps writing to it; this process need not
             proc = subprocess.Popen(
                 [
-                    RAY,
+                    *RAY,
                     "start",
                     "--block",
                     *args,

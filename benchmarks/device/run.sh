@@ -28,6 +28,9 @@ for step in $STEPS; do
       timeout 170 python3 benchmarks/serve.py --device cuda --seconds 8 --out "$OUT/serve.json"
       cp benchmarks/results/tmp/serve-http_batched.log "$OUT/" 2>/dev/null ;;
     readers) timeout 120 python3 benchmarks/device/readers.py ;;
+    cluster)  # needs Ray installed first: see "The slide job on Ray" in README.md
+      PYTHONPATH=/tmp/site:/tmp/raysite:$PWD timeout 420 python3 benchmarks/cluster.py --gpus 1 --slides 8 \
+        --side 10000 --tissue 6000 --out "$OUT/cluster" ;;
     wsi)
       mkdir -p "$OUT/wsi"
       timeout 300 python3 benchmarks/wsi.py --readers processes threads --workers 8 --raw-tiles 4096 \
