@@ -1,8 +1,18 @@
-"""Encoder + head → one ONNX graph, with a parity check against torch on real tiles.
+"""Encoder + head → one ONNX graph (+ a TorchScript twin for wsinfer/QuPath), parity-checked on real tiles.
 
 The graph takes what image decoders produce — uint8 RGB ``[N, S, S, 3]`` — and does the cast,
 scaling and normalisation itself, so the service cannot get preprocessing wrong. Outputs are
 the (temperature-scaled) class probabilities and the embedding, for out-of-distribution flags.
+
+``model.ts.pt`` is the same encoder + head for the field's TorchScript clients: wsinfer (0.6.1,
+``wsinfer run --model-path model.ts.pt --config config.json``) and QuPath's WSInfer extension (a
+folder with ``torchscript_model.pt`` + ``config.json``). Both feed it what ``config.json``'s transform
+makes of a tile — float ``[N, 3, S, S]``, ``ToTensor`` then ``Normalize(mean, std)`` — and both apply
+softmax to its output themselves (wsinfer ``run_inference.py``; QuPath ``applySoftmax = true``), so it
+returns the temperature-scaled logits: their softmax is exactly ``model.onnx``'s probabilities.
+
+``python -m training.export MODEL_DIR`` writes ``model.ts.pt`` for an existing model directory from
+its ``head.safetensors`` and card, checked against its ``model.onnx`` (docs/encoders.md).
 """
 
 from __future__ import annotations
@@ -35,6 +45,7 @@ PARITY_TOLERANCE = {"fp32": 1e-4, "fp16": 1e-2, "int8": 0.95}  # int8: minimum t
 
 
 HEAD_FILE = "head.safetensors"
+TORCHSCRIPT_FILE = "model.ts.pt"
 
 
 class ExportError(RuntimeError):
@@ -103,6 +114,51 @@ class ServingGraph(nn.Module):
         return probabilities, embeddings, self.ood(embeddings)
 
 
+class WsinferGraph(nn.Module):
+    """Normalised float NCHW → temperature-scaled logits ``[N, C]``: what wsinfer and QuPath run."""
+
+    def __init__(self, encoder: FrozenEncoder, head: nn.Module, temperature: float = 1.0) -> None:
+        super().__init__()
+        self.encoder = encoder.features
+        self.head = head
+        self.register_buffer("inv_temperature", torch.tensor(1.0 / temperature))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x)) * self.inv_temperature
+
+
+def export_torchscript(graph: WsinferGraph, path: Path, example: torch.Tensor) -> None:
+    """Trace (timm models script unevenly; tracing records the same ops) with a dynamic batch axis."""
+    graph = graph.eval()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        # TracerWarnings about Python ints taken from shapes; torch.jit's deprecation notice (TorchScript
+        # is the format wsinfer and QuPath load)
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(graph, example, check_trace=False)
+        torch.jit.save(traced, str(path))
+    path.chmod(0o644)
+
+
+def wsinfer_input(images: np.ndarray, mean, std) -> torch.Tensor:
+    """uint8 NHWC → what config.json's ``ToTensor`` + ``Normalize`` give wsinfer for the same pixels."""
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).to(torch.float32) / 255.0
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+@torch.inference_mode()
+def torchscript_predict(path: Path, images: np.ndarray, mean, std, batch_size: int = 32) -> np.ndarray:
+    """Probabilities as wsinfer computes them: softmax of the TorchScript output."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit's deprecation notice
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+    out = [
+        torch.softmax(module(wsinfer_input(images[s : s + batch_size], mean, std)), dim=1).numpy()
+        for s in range(0, len(images), batch_size)
+    ]
+    return np.concatenate(out)
+
+
 def export_onnx(graph: ServingGraph, path: Path, input_size: int, opset: int = 18) -> None:
     """Export with a dynamic batch axis; the whole graph in one file."""
     graph = graph.eval()
@@ -142,9 +198,12 @@ def torch_predict(graph: ServingGraph, images: np.ndarray, batch_size: int = 32)
     )
 
 
-def parity_check(reference: np.ndarray, path: Path, images: np.ndarray, variant: str = "fp32") -> ParityResult:
-    """Max |Δ probability| and top-1 agreement between torch and ONNX Runtime on the same tiles."""
-    probs, _ = onnx_predict(path, images)
+def parity_check(
+    reference: np.ndarray, path: Path, images: np.ndarray, variant: str = "fp32", probs: np.ndarray | None = None
+) -> ParityResult:
+    """Max |Δ probability| and top-1 agreement between torch and ONNX Runtime (or given ``probs``)."""
+    if probs is None:
+        probs, _ = onnx_predict(path, images)
     diff = float(np.abs(probs - reference).max())
     agreement = float((probs.argmax(1) == reference.argmax(1)).mean())
     tolerance = PARITY_TOLERANCE[variant]
@@ -235,6 +294,8 @@ def export_model(
             f"{path}: ONNX Runtime differs from torch by {parity.max_abs_diff:.3e} (> {parity.tolerance:g}) "
             f"on {parity.n_images} tiles; refusing to ship this graph"
         )
+    ts_parity = write_torchscript(encoder, head, out_dir, parity_images, reference, temperature)
+    log.info("TorchScript parity: max |Δp| = %.2e on %d tiles", ts_parity.max_abs_diff, ts_parity.n_images)
     made: dict[str, Variant] = {}
     for name in variants:
         vpath = out_dir / f"model.{name}.onnx"
@@ -255,3 +316,89 @@ def export_model(
             continue
         made[name] = Variant(file=vpath.name, sha256=sha256_file(vpath), parity=vparity, val_accuracy=accuracy)
     return parity, made
+
+
+def write_torchscript(
+    encoder: FrozenEncoder,
+    head: nn.Module,
+    out_dir: Path,
+    images: np.ndarray,
+    reference: np.ndarray,
+    temperature: float = 1.0,
+) -> ParityResult:
+    """``out_dir/model.ts.pt``, its softmax checked against ``reference`` probabilities on ``images``."""
+    mean, std = encoder.spec.mean, encoder.spec.std
+    path = out_dir / TORCHSCRIPT_FILE
+    export_torchscript(WsinferGraph(encoder, head, temperature), path, wsinfer_input(images[:2], mean, std))
+    probs = torchscript_predict(path, images, mean, std)
+    parity = parity_check(reference, path, images, probs=probs)
+    if not parity.passed:
+        path.unlink(missing_ok=True)
+        raise ExportError(
+            f"{path}: TorchScript differs from the reference by {parity.max_abs_diff:.3e} (> {parity.tolerance:g}) "
+            f"on {parity.n_images} tiles; not written"
+        )
+    return parity
+
+
+def torchscript_for_model_dir(model_dir: Path, images: np.ndarray, weights: Path | None = None) -> ParityResult:
+    """``model.ts.pt`` for an existing model directory: encoder from the card, head from ``head.safetensors``.
+
+    The reference is the directory's own ``model.onnx`` on ``images`` (uint8 NHWC at the card's input
+    size): the TorchScript must give the probabilities the service gives.
+    """
+    from models.card import load_model_dir
+    from training.encoders import build_encoder
+
+    model = load_model_dir(model_dir)
+    card = model.card
+    encoder = build_encoder(card.encoder.id, weights)
+    if card.encoder.weights_sha256 and encoder.weights_sha256 != card.encoder.weights_sha256:
+        raise ExportError(
+            f"{model_dir}: encoder weights sha256 {encoder.weights_sha256} differ from the card's "
+            f"{card.encoder.weights_sha256}; pass the weights file the model was trained with (--weights)"
+        )
+    head = load_head(model.path / HEAD_FILE, card.head.kind, len(card.classes))
+    temperature = card.calibration.temperature if card.calibration else 1.0
+    reference, _ = onnx_predict(model.onnx_path, images)
+    return write_torchscript(encoder, head, model.path, images, reference, temperature)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from models.card import ModelLoadError, load_card
+    from training.embed import load_rgb_resized
+    from training.encoders import EncoderError
+
+    parser = argparse.ArgumentParser(
+        prog="python -m training.export",
+        description="Write model.ts.pt (TorchScript for wsinfer / QuPath) into an existing model directory, "
+        "checked against its model.onnx on real tiles.",
+    )
+    parser.add_argument("model_dir", type=Path, help="model directory (model.onnx, card.json, head.safetensors)")
+    parser.add_argument("--tiles", type=Path, required=True, help="folder of image tiles for the parity check")
+    parser.add_argument("--n-tiles", type=int, default=64, help="tiles used for the parity check")
+    parser.add_argument("--weights", type=Path, help="encoder weights file, for encoders without built-in weights")
+    args = parser.parse_args(argv)
+    try:
+        size = load_card(args.model_dir / "card.json").input_size
+    except ModelLoadError as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    files = sorted(p for p in args.tiles.rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg", ".tif", ".webp"})
+    if not files:
+        raise SystemExit(f"error: {args.tiles}: no image tiles (png, jpg, tif, webp)")
+    files = files[:: max(1, len(files) // args.n_tiles)][: args.n_tiles]
+    images = np.stack([load_rgb_resized(f, size) for f in files])  # as training and the service resize
+    try:
+        parity = torchscript_for_model_dir(args.model_dir, images, args.weights)
+    except (ExportError, ModelLoadError, EncoderError) as exc:
+        raise SystemExit(f"error: {exc}") from exc
+    print(
+        f"{args.model_dir / TORCHSCRIPT_FILE}: softmax matches model.onnx on {parity.n_images} tiles "
+        f"(max |Δp| {parity.max_abs_diff:.2e}, top-1 agreement {parity.top1_agreement:.3f})"
+    )
+
+
+if __name__ == "__main__":
+    main()
