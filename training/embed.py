@@ -2,25 +2,27 @@
 
 The frozen encoder is by far the slowest part of training, and it never changes between runs.
 Embeddings are stored per encoder identity (name + weights sha256 + preprocessing, see
-``FrozenEncoder.cache_key``) and looked up by each file's content sha256, so renaming or
-relabelling files, or training a different head, never touches the encoder again, while an edited
-image or different weights are recomputed.
+``FrozenEncoder.cache_key``) and looked up by each file's content sha256 (for tiles of annotated
+slides: the slide file's sha256 + the tile's geometry, ``PatchSet.content_keys``), so renaming or
+relabelling files, redrawing annotations, or training a different head never touches the encoder
+again, while an edited image or slide or different weights are recomputed.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
 from models.card import write_atomic
+from training.data import load_rgb_resized
 from training.encoders import FrozenEncoder
 
 log = logging.getLogger("histo_robust.embed")
@@ -31,15 +33,6 @@ def default_cache_dir() -> Path:
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "histo-robust"
     )
     return Path(root) / "embeddings"
-
-
-def load_rgb_resized(path: Path, size: int) -> np.ndarray:
-    """Decode to RGB and resize to ``size`` (bilinear, as the service does) → uint8 HWC."""
-    with Image.open(path) as image:
-        image = image.convert("RGB")
-        if image.size != (size, size):
-            image = image.resize((size, size), Image.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
 
 
 class Normalize(nn.Module):
@@ -90,8 +83,14 @@ def embed_files(
     cache_dir: Path | None = None,
     use_cache: bool = True,
     progress: bool = True,
+    load: Callable[[int, int], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, int]:
-    """Embeddings for ``paths`` (rows in order) and how many were computed (not cached)."""
+    """Embeddings for ``paths`` (rows in order) and how many were computed (not cached).
+
+    ``load(i, size)`` supplies the pixels of item ``i`` instead of decoding ``paths[i]`` (tiles
+    read from a slide); ``hashes`` are then its cache keys.
+    """
+    read = load or (lambda i, size: load_rgb_resized(paths[i], size))
     cache = EmbeddingCache(encoder, cache_dir) if use_cache else None
     known = cache.rows if cache else {}
     todo = sorted({h: i for i, h in reversed(list(enumerate(hashes))) if h not in known}.values())
@@ -104,7 +103,7 @@ def embed_files(
             ThreadPoolExecutor(max_workers=2) as pool,
             tqdm(total=len(todo), desc=f"embedding ({encoder.spec.name})", unit="img", disable=not progress) as bar,
         ):
-            decoded = pool.map(lambda b: np.stack([load_rgb_resized(paths[i], size) for i in b]), batches)
+            decoded = pool.map(lambda b: np.stack([read(i, size) for i in b]), batches)
             for batch, pixels in zip(batches, decoded, strict=True):
                 out = encoder(normalize(torch.from_numpy(pixels))).numpy().astype(np.float32)
                 for i, row in zip(batch, out, strict=True):
