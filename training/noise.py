@@ -101,3 +101,44 @@ def inject(
             raise ValueError("instance-dependent noise needs the tiles' embeddings")
         return instance_noise(labels, embeddings, rate, n_classes, seed)
     return (uniform_noise if kind == "uniform" else asymmetric_noise)(labels, rate, n_classes, seed)
+
+
+def annotation_noise(
+    regions: list,
+    width_um: float,
+    mpp: float,
+    seed: int,
+    min_region_um2: float | None = None,
+    max_hole_um2: float | None = None,
+) -> list:
+    """The polygons a hurried annotator draws over exact regions: ``[(class, polygon)]`` → the same.
+
+    Each region's boundary moves by ``width_um`` outwards or inwards (dilated or eroded, a coin
+    flip per region, round corners); regions smaller than
+    ``min_region_um2`` are not drawn at all and holes smaller than ``max_hole_um2`` are filled, so
+    small islands of another class are swallowed by the region around them (both default to a
+    square of 2 × ``width_um`` a side). The wrong labels this makes sit where they sit in real
+    annotations: at boundaries and inside mixed tissue. ``width_um`` 0 returns the regions as given.
+    """
+    import shapely  # only the annotation experiments need it
+
+    if width_um <= 0:
+        return list(regions)
+    rng = np.random.default_rng(seed)
+    px = width_um / mpp
+    min_area = (min_region_um2 if min_region_um2 is not None else (2 * width_um) ** 2) / mpp**2
+    max_hole = (max_hole_um2 if max_hole_um2 is not None else (2 * width_um) ** 2) / mpp**2
+    drawn = []
+    for name, geometry in regions:
+        if geometry.area < min_area:
+            continue  # too small to bother: the neighbour's outline goes over it
+        parts = []
+        for polygon in shapely.get_parts(geometry):
+            if polygon.geom_type != "Polygon":
+                continue
+            holes = [ring for ring in polygon.interiors if shapely.Polygon(ring).area >= max_hole]
+            parts.append(shapely.Polygon(polygon.exterior, holes))
+        coarse = shapely.union_all(parts).buffer(px if rng.random() < 0.5 else -px)
+        if not coarse.is_empty and coarse.area > 0:
+            drawn.append((name, coarse))
+    return drawn
