@@ -48,7 +48,13 @@ def test_unknown_command_is_an_error_naming_it() -> None:
 
 def test_every_command_has_help(capsys: pytest.CaptureFixture[str]) -> None:
     # In-process: train and pretrain import torch, which this test session has loaded once already.
-    expected = {"train": "--data", "slides": "--min-tissue", "serve": "--port", "pretrain": "--tiles"}
+    expected = {
+        "train": "--data",
+        "slides": "--min-tissue",
+        "serve": "--port",
+        "pretrain": "--tiles",
+        "review": "--retrained",
+    }
     for name in COMMANDS:
         with pytest.raises(SystemExit) as exit_info:
             main([name, "--help"])
