@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -304,6 +305,7 @@ def test_bad_requests_get_4xx_with_a_message_and_change_nothing(run_dir, server,
         ("post", "/api/decisions", b'{"tile": 3, "decided": ', 400, "Invalid JSON"),
         ("post", "/api/decisions", [1, 2], 422, "malformed decision"),
         ("delete", "/api/decisions/..%2Fetc", None, 404, "unknown tile id"),
+        ("get", "/api/tiles/0/context", None, 404, "a patch file, not a tile of a slide"),
     ]
     for method, path, body, status, message in cases:
         kwargs = {"data": body, "headers": {"Content-Type": "application/json"}} if isinstance(body, bytes) else {}
@@ -337,3 +339,43 @@ def test_train_rejects_corrections_it_cannot_apply(run_dir, tmp_path, capsys):
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_slide_tiles_show_a_crop_with_context(tmp_path, browser):
+    """Annotation-based runs name tiles "<slide>/x<X>_y<Y>" (train.py --slides): the page reads them
+    from the slide, and shows the tile framed among its neighbours."""
+    import numpy as np
+    import openslide
+    from PIL import Image
+
+    slide = ROOT / "tests" / "fixtures" / "CMU-1-Small-Region.svs"
+    run = tmp_path / "slide_run"
+    run.mkdir()
+    coords = [(600, 900), (900, 1200), (1200, 300)]  # a 300-pixel grid, as the slide job cuts it
+    rows = "".join(
+        f"{i + 1},{slide.name}/x{x}_y{y},tissue,other,{0.9 - i / 10:.4f}\n" for i, (x, y) in enumerate(coords)
+    )
+    (run / "suspects.csv").write_text("rank,path,given_label,suggested_label,score\n" + rows)
+    (run / "report.json").write_text(
+        json.dumps({"classes": ["other", "tissue"], "suspects": {"data_root": str(slide.parent)}})
+    )
+    proc, url = _serve(run)
+    try:
+        state = requests.get(f"{url}/api/state", timeout=10).json()
+        tile = requests.get(f"{url}/api/tiles/1/image", timeout=30)
+        context = requests.get(f"{url}/api/tiles/1/context", timeout=30)
+        _open(browser, url)
+        script = "const c = document.getElementById('context'); return [c.closest('figure').hidden, c.naturalWidth]"
+        _wait(browser, lambda d: d.execute_script(script)[1] > 0, "the context crop loads")
+        shown = browser.execute_script(script)
+    finally:
+        _stop(proc)
+    assert [s["context"] for s in state["suspects"]] == [True, True, True]
+    with openslide.OpenSlide(str(slide)) as handle:
+        expected = np.asarray(handle.read_region(coords[1], 0, (300, 300)).convert("RGB"))
+    got = np.asarray(Image.open(io.BytesIO(tile.content)))
+    np.testing.assert_array_equal(got, expected)
+    crop = Image.open(io.BytesIO(context.content))
+    assert crop.size == (480, 480)
+    assert max(crop.getpixel((240, 160))) < 60  # the frame around the tile in the middle
+    assert shown == [False, 480]

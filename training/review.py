@@ -22,6 +22,8 @@ import getpass
 import io
 import json
 import logging
+import math
+import re
 import sys
 import threading
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ from typing import Any
 if __package__ in (None, ""):  # `python training/review.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageDraw, UnidentifiedImageError
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -52,6 +54,10 @@ PAGES = {"index.html", "changes.html", "review.css", "review.js", "changes.js"}
 MAX_BODY = 16 * 1024  # a decision is a few dozen bytes
 MAX_WHO = 64
 DEFAULT_PORT = 8765
+# Tiles of an annotation-based run (train.py --slides): "<slide file>/x<X>_y<Y>", level-0 coordinates
+SLIDE_TILE = re.compile(r"^(?P<slide>.+)/x(?P<x>\d+)_y(?P<y>\d+)$")
+CONTEXT_TILES = 3  # the context crop is this many tiles wide, the tile in the middle
+CONTEXT_PIXELS = 480
 
 
 class ReviewError(ValueError):
@@ -68,6 +74,14 @@ class Suspect:
     probs: list[float] | None
 
 
+@dataclass(frozen=True)
+class SlideTile:
+    slide: Path
+    x: int  # level-0 pixels
+    y: int
+    side: int
+
+
 @dataclass
 class Run:
     """What a train.py output directory says about its tiles."""
@@ -77,6 +91,7 @@ class Run:
     suspects: list[Suspect]
     data_root: Path
     report: dict
+    slide_tiles: dict[int, SlideTile]  # suspect id -> where on its slide (annotation-based runs)
 
     @property
     def by_path(self) -> dict[str, Suspect]:
@@ -84,6 +99,33 @@ class Run:
 
     def tile_file(self, suspect: Suspect) -> Path:
         return self.data_root / suspect.path
+
+    def tile_png(self, suspect: Suspect) -> bytes:
+        where = self.slide_tiles.get(suspect.id)
+        if where is None:
+            return _png(self.tile_file(suspect))
+        return _slide_png(where.slide, where.x, where.y, where.side, 1)
+
+    def context_png(self, suspect: Suspect) -> bytes:
+        where = self.slide_tiles[suspect.id]
+        return _slide_png(where.slide, where.x, where.y, where.side, CONTEXT_TILES)
+
+
+def _slide_tiles(suspects: list[Suspect], data_root: Path) -> dict[int, SlideTile]:
+    """Slide coordinates of the suspects that are tiles of a slide under ``data_root``, not files.
+
+    The grid is regular from (0, 0) in steps of the tile side (service.slides.TileGrid), so the side
+    is the greatest common divisor of a slide's coordinates.
+    """
+    found: dict[int, tuple[Path, int, int]] = {}
+    for s in suspects:
+        match = SLIDE_TILE.match(s.path)
+        if match and not (data_root / s.path).is_file() and (data_root / match["slide"]).is_file():
+            found[s.id] = (data_root / match["slide"], int(match["x"]), int(match["y"]))
+    sides: dict[Path, int] = {}
+    for slide, x, y in found.values():
+        sides[slide] = math.gcd(sides.get(slide, 0), x, y)
+    return {i: SlideTile(slide, x, y, sides[slide] or 256) for i, (slide, x, y) in found.items()}
 
 
 def load_run(directory: str | Path, data_root: str | Path | None = None) -> Run:
@@ -119,12 +161,13 @@ def load_run(directory: str | Path, data_root: str | Path | None = None) -> Run:
         recorded = report.get("suspects", {}).get("data_root") or report.get("data", {}).get("source", "")
         data_root = Path(recorded) if Path(recorded).is_dir() else Path(recorded).parent
     data_root = Path(data_root).resolve()
-    if suspects and not (data_root / suspects[0].path).is_file():
+    slide_tiles = _slide_tiles(suspects, data_root)
+    if suspects and not (data_root / suspects[0].path).is_file() and 0 not in slide_tiles:
         raise ReviewError(
             f"{suspects_file}: tile {suspects[0].path!r} not found under {data_root}; "
             "give the data folder with --data-root"
         )
-    return Run(directory, classes, suspects, data_root, report)
+    return Run(directory, classes, suspects, data_root, report, slide_tiles)
 
 
 class DecisionBody(BaseModel):
@@ -171,7 +214,14 @@ class Review:
             "who": self.who,
             "retrained": self.retrained.directory.name if self.retrained else None,
             "suspects": [
-                {"id": s.id, "given": s.given, "suggested": s.suggested, "score": s.score, "probs": s.probs}
+                {
+                    "id": s.id,
+                    "given": s.given,
+                    "suggested": s.suggested,
+                    "score": s.score,
+                    "probs": s.probs,
+                    "context": s.id in self.run.slide_tiles,
+                }
                 for s in self.run.suspects
             ],
             "decisions": {
@@ -306,9 +356,21 @@ def create_app(review: Review, host: str = "127.0.0.1") -> Starlette:
         except LookupError as exc:
             return _error(404, str(exc.args[0]))
         try:
-            return Response(_png(review.run.tile_file(suspect)), media_type="image/png")
+            return Response(review.run.tile_png(suspect), media_type="image/png")
         except (OSError, UnidentifiedImageError) as exc:
             return _error(410, f"tile {suspect.id}: its image can no longer be read ({type(exc).__name__})")
+
+    def context(request: Request) -> Response:
+        try:
+            suspect = review.tile(request.path_params["tile"])
+        except LookupError as exc:
+            return _error(404, str(exc.args[0]))
+        if suspect.id not in review.run.slide_tiles:
+            return _error(404, f"tile {suspect.id} is a patch file, not a tile of a slide: no context to show")
+        try:
+            return Response(review.run.context_png(suspect), media_type="image/png")
+        except (OSError, UnidentifiedImageError) as exc:
+            return _error(410, f"tile {suspect.id}: its slide can no longer be read ({type(exc).__name__})")
 
     async def decide(request: Request) -> Response:
         if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
@@ -375,6 +437,7 @@ def create_app(review: Review, host: str = "127.0.0.1") -> Starlette:
             Route("/static/{name}", page),
             Route("/api/state", state),
             Route("/api/tiles/{tile:path}/image", image),
+            Route("/api/tiles/{tile:path}/context", context),
             Route("/api/decisions", decide, methods=["POST"]),
             Route("/api/decisions/{tile:path}", undo, methods=["DELETE"]),
             Route("/api/changes", changes),
@@ -396,6 +459,35 @@ def _png(path: Path) -> bytes:
     with Image.open(path) as image:
         buffer = io.BytesIO()
         image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@lru_cache(maxsize=256)
+def _slide_png(slide: Path, x: int, y: int, side: int, tiles: int) -> bytes:
+    """``tiles`` × ``tiles`` grid tiles of ``slide`` centred on the one at (x, y), outlined; as PNG.
+
+    Read at the coarsest level that keeps the crop at least CONTEXT_PIXELS wide (OpenSlide pads
+    outside the slide with transparent pixels, shown white).
+    """
+    import openslide  # only annotation-based runs need it; the serving install has it
+
+    margin = side * (tiles - 1) // 2
+    width = side * tiles
+    with openslide.OpenSlide(str(slide)) as handle:
+        level = handle.get_best_level_for_downsample(max(1.0, width / CONTEXT_PIXELS))
+        down = handle.level_downsamples[level]
+        size = max(1, round(width / down))
+        region = handle.read_region((x - margin, y - margin), level, (size, size))
+    canvas = Image.new("RGB", region.size, "white")
+    canvas.paste(region, mask=region.getchannel("A"))
+    if tiles > 1:
+        if canvas.width > CONTEXT_PIXELS:
+            canvas = canvas.resize((CONTEXT_PIXELS, CONTEXT_PIXELS), Image.BILINEAR)
+        scale = canvas.width / width
+        low, high = round(margin * scale), round((margin + side) * scale) - 1  # the tile, in the middle
+        ImageDraw.Draw(canvas).rectangle([low, low, high, high], outline=(20, 20, 20), width=3)
+    buffer = io.BytesIO()
+    canvas.save(buffer, format="PNG")
     return buffer.getvalue()
 
 

@@ -60,6 +60,8 @@ function render() {
   tileView.hidden = false;
   $("tile").src = `/api/tiles/${s.id}/image`;
   $("tile").dataset.id = s.id;
+  $("context-figure").hidden = !s.context;
+  if (s.context) $("context").src = `/api/tiles/${s.id}/context`;
   $("rank").textContent = s.id + 1;
   $("score").textContent = s.score.toFixed(3);
   $("given").textContent = s.given;
