@@ -81,6 +81,7 @@ class SlideWorker:
     """One Ray actor: a :class:`Runtime` and tile readers on one node, classifying one slide at a time."""
 
     def __init__(self, model_dir: str, device: str | None, env: dict[str, str], options: dict[str, Any]) -> None:
+        self.cpu0 = time.process_time()  # this worker's CPU time from here on goes into the manifest
         # The driver's HISTO_* settings (thresholds, model variant) change the outputs: use the same here.
         os.environ.update(env)
         context = ray.get_runtime_context()
@@ -129,6 +130,7 @@ class SlideWorker:
                 log.error("%s: unexpected error", path, exc_info=exc)
             result.update(status="failed", error=str(exc) or type(exc).__name__)
         result["seconds"] = round(time.perf_counter() - started, 3)
+        result["worker_cpu_seconds"] = round(time.process_time() - self.cpu0, 3)  # since it started, all threads
         return result
 
 
@@ -147,8 +149,20 @@ def _pool_shape(cpus_per_worker: int | None) -> tuple[dict[str, float], int]:
     return {"num_cpus": cpus}, sum(int(r.get("CPU", 0) // cpus) for r in nodes)
 
 
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a ``host:port`` that nothing answers: ray.init would retry for minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or "://" in address:
+        return  # "auto", "ray://...": Ray's own lookup
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {address} ({exc}); is `ray start --head` running there?") from exc
+
+
 def _connect(address: str | None) -> None:
     if address:
+        _check_reachable(address)
         ray.init(address=address, logging_level=logging.WARNING)
     else:  # "local" and not None: None would join a cluster `ray start` left running on this machine
         ray.init(
@@ -200,7 +214,15 @@ def run_cluster_job(
         try:
             _connect(address)
         except Exception as exc:  # ConnectionError, AuthenticationError, a bad address, ...
-            raise ClusterError(f"cannot join the Ray cluster at {address or '(embedded)'}: {exc}") from exc
+            hint = ""
+            if address and os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+                # Ray sends a token to an explicit address only in token mode, and then reports only
+                # "failed to connect"
+                hint = (
+                    " (a cluster with token authentication, Ray's default for `ray start`, needs "
+                    "RAY_AUTH_MODE=token and its token in RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH here too)"
+                )
+            raise ClusterError(f"cannot join the Ray cluster at {address or '(embedded)'}: {exc}{hint}") from exc
         try:
             resources, capacity = _pool_shape(cpus_per_worker)
             env = {k: v for k, v in os.environ.items() if k.startswith("HISTO_")}
