@@ -176,3 +176,46 @@ def test_stack_errors_name_the_members():
         build_encoder("efficientnet_lite0_ms+")
     with pytest.raises(EncoderError, match="unknown encoder 'no_such_net'"):
         build_encoder("efficientnet_lite0_ms+no_such_net")
+
+
+def test_card_mpp_defaults_to_the_encoders_and_warns_when_tiles_differ(capsys):
+    from training.encoders import training_mpp
+
+    assert training_mpp(spec_for("ctranspath"), None) == 1.0  # the authors' recommendation
+    assert training_mpp(spec_for("uni"), None) == 0.5
+    assert capsys.readouterr().err == ""
+    assert training_mpp(spec_for("efficientnet_lite0_ms"), 0.495) == 0.495  # Kather's 0.495 is "0.5"
+    assert capsys.readouterr().err == ""
+    assert training_mpp(spec_for("retccl"), 0.5) == 0.5  # declared wins, with a warning
+    err = capsys.readouterr().err
+    assert "tiles declared at 0.5 µm/px but encoder 'retccl' was pre-trained at 1 µm/px" in err
+    with pytest.raises(EncoderError, match="--mpp must be positive"):
+        training_mpp(spec_for("uni"), 0.0)
+
+
+def test_train_cli_warns_before_touching_a_tile(tmp_path):
+    """The warning comes from the CLI's fail-fast checks: visible before the long embedding run."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    result = subprocess.run(
+        [
+            sys.executable,
+            "training/train.py",
+            "--data",
+            str(tmp_path / "missing"),
+            "--out",
+            str(tmp_path / "o"),
+            "--encoder",
+            "ctranspath",
+            "--mpp",
+            "0.25",
+        ],
+        capture_output=True,
+        text=True,
+        cwd=root,
+    )
+    assert result.returncode == 2  # then fails on the missing data, before any encoder work
+    assert "encoder 'ctranspath' was pre-trained at 1 µm/px" in result.stderr

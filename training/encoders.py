@@ -694,8 +694,8 @@ def training_mpp(spec: EncoderSpec, declared: float | None) -> float:
     if spec.mpp is not None and abs(declared - spec.mpp) > MPP_TOLERANCE * spec.mpp:
         print(
             f"warning: tiles declared at {declared:g} µm/px but encoder {spec.name!r} was pre-trained at "
-            f"{spec.mpp:g} µm/px; its embeddings will see tissue at {spec.mpp / declared:.2g}x the scale it "
-            f"learned (cut or resample the tiles at {spec.mpp:g} µm/px if you can)",
+            f"{spec.mpp:g} µm/px; it will see tissue magnified {spec.mpp / declared:.2g}x against what it "
+            f"learned on (cut or resample the tiles at {spec.mpp:g} µm/px if you can)",
             file=sys.stderr,
         )
     return declared
