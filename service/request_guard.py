@@ -43,7 +43,7 @@ MB = 1024 * 1024
 MAX_BODY_BYTES = int(float(os.environ.get("HISTO_MAX_BODY_MB", "32")) * MB)
 MAX_SLIDE_BYTES = int(float(os.environ.get("HISTO_MAX_SLIDE_MB", "4096")) * MB)
 BODY_TIMEOUT_S = float(os.environ.get("HISTO_BODY_TIMEOUT_S", "30"))
-SLIDE_BODY_TIMEOUT_S = float(os.environ.get("HISTO_SLIDE_BODY_TIMEOUT_S", "1800"))
+SLIDE_BODY_TIMEOUT_S = float(os.environ.get("HISTO_SLIDE_BODY_TIMEOUT_S", "600"))
 BODY_IDLE_S = float(os.environ.get("HISTO_BODY_IDLE_S", "10"))
 MAX_CONCURRENCY = int(os.environ.get("HISTO_MAX_CONCURRENCY", "256"))  # whole service, split over workers
 UPLOAD_DIR = Path(os.environ.get("HISTO_UPLOAD_DIR") or Path(tempfile.gettempdir()) / "histo-robust-uploads")
@@ -338,14 +338,15 @@ class RequestGuard:
                 )
             if spec is not None:
                 scope, receive, upload = await self._read(spec, scope, receive)
-        except Refusal as refusal:
-            if upload is not None:
-                upload.unlink(missing_ok=True)
+        except Refusal as refusal:  # _read has removed any upload it began
             return await error_response(refusal.status, refusal.error, refusal.detail, close=spec is not None)(
                 scope, receive, send
             )
         except _Disconnected:
-            return None
+            # nobody reads this answer, but BentoML's timeout middleware waits for a response to
+            # start: without one, this request would hold shutdown for the whole traffic timeout
+            detail = "the client closed the connection before sending its whole body"
+            return await error_response(400, "client_disconnected", detail, close=True)(scope, receive, send)
         if self.active >= self.max_active:
             if upload is not None:
                 upload.unlink(missing_ok=True)

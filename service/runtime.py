@@ -43,6 +43,32 @@ CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "arena_extend_strategy": 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 
 
+# CPU memory. ONNX Runtime's CPU arena keeps, for the session's life, the buffers of the largest
+# batch it has run: a runtime at 131 MB after loading stood at 809 MB after one batch of 64 and
+# peaked at 974 MB under batches of 1-64 (benchmarks/cpu_arena.py, 2 cores shared with other work).
+# Giving the memory back instead costs CPU: an arena shrunk after every run (arena-shrink) or no
+# arena took 18-22 core-ms per image against 13-14. What bounds it for free is running a batch in
+# runs of at most CPU_RUN_SIZE images, so that the arena holds one run's buffers: runs of 8 peaked
+# at 225 MB at 11.8-12.5 core-ms per image, runs of 16 at 343 MB (12.9-14.2), the whole batch at
+# 974 MB (12.8-14.0), in two measurements. Measured on 2 cores only: a CPU with many more cores may
+# want larger runs (HISTO_CPU_RUN_SIZE). HISTO_CPU_MEMORY picks the allocator.
+CPU_MEMORY_OPTIONS = ("arena", "arena-shrink", "no-arena", "no-arena-no-pattern")
+DEFAULT_CPU_MEMORY = "arena"
+CPU_RUN_SIZE = 8
+
+
+def cpu_memory() -> str:
+    """The CPU memory option: ``$HISTO_CPU_MEMORY`` or :data:`DEFAULT_CPU_MEMORY`.
+
+    ``arena``: ONNX Runtime's default (the arena grows to the largest batch and stays there);
+    ``arena-shrink``: the same arena, shrunk back at the end of every run; ``no-arena``: plain
+    malloc/free per tensor; ``no-arena-no-pattern``: also no pre-planned memory pattern."""
+    value = (os.environ.get("HISTO_CPU_MEMORY") or DEFAULT_CPU_MEMORY).strip().lower()
+    if value not in CPU_MEMORY_OPTIONS:
+        raise ValueError(f"HISTO_CPU_MEMORY must be one of {', '.join(CPU_MEMORY_OPTIONS)}, got {value!r}")
+    return value
+
+
 def batch_plan(n: int, buckets: tuple[int, ...] = BUCKETS) -> list[tuple[int, int, int]]:
     """``(start, stop, padded size)`` runs covering ``n`` images with only ``buckets`` sizes.
 
@@ -193,6 +219,12 @@ class Runtime:
         if not spinning:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.cpu_memory = cpu_memory()
+        options.enable_cpu_mem_arena = self.cpu_memory.startswith("arena")
+        options.enable_mem_pattern = self.cpu_memory != "no-arena-no-pattern"
+        self._run_options = ort.RunOptions()
+        if self.cpu_memory == "arena-shrink":
+            self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         wanted = choose_providers(device)
         if wanted[0] == "CUDAExecutionProvider":
             preload_cuda_libraries()
@@ -201,6 +233,8 @@ class Runtime:
         except Exception as exc:  # onnxruntime raises several unrelated types for a bad graph
             raise ModelLoadError(f"{path}: onnxruntime cannot load the graph ({exc})") from exc
         self.providers = self.session.get_providers()
+        on_cpu = self.providers[0] == "CPUExecutionProvider"
+        self.cpu_run_size = max(1, int(os.environ.get("HISTO_CPU_RUN_SIZE", str(CPU_RUN_SIZE)))) if on_cpu else 1 << 30
         confirm_device(device, wanted, self.providers)
         check_graph_signature(
             self.card,
@@ -242,15 +276,21 @@ class Runtime:
         if not len(images):  # onnxruntime fails on an empty batch with an error about broadcasting
             raise ValueError("expected at least one image, got an empty batch")
         images = np.ascontiguousarray(images)
-        if not self.pad_batches:
-            outputs = self.session.run(self._outputs, {INPUT_NAME: images})
+        if not self.pad_batches and len(images) <= self.cpu_run_size:
+            outputs = self.session.run(self._outputs, {INPUT_NAME: images}, self._run_options)
+        elif not self.pad_batches:  # see CPU_RUN_SIZE
+            runs = [
+                self.session.run(self._outputs, {INPUT_NAME: images[i : i + self.cpu_run_size]}, self._run_options)
+                for i in range(0, len(images), self.cpu_run_size)
+            ]
+            outputs = [np.concatenate(parts) for parts in zip(*runs, strict=True)]
         else:
             runs = []
             for start, stop, size in batch_plan(len(images)):
                 chunk = images[start:stop]
                 if size > len(chunk):
                     chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.uint8)])
-                outs = self._sessions[size].run(self._outputs, {INPUT_NAME: chunk})
+                outs = self._sessions[size].run(self._outputs, {INPUT_NAME: chunk}, self._run_options)
                 runs.append([out[: stop - start] for out in outs])
             outputs = [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*runs, strict=True)]
         results = dict(zip(self._outputs, outputs, strict=True))

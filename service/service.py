@@ -13,7 +13,7 @@ environment, so nothing is edited to tune a deployment:
 ``HISTO_MODEL_DIR`` (models/default) · ``HISTO_DEVICE`` (auto|cpu|cuda) · ``HISTO_MAX_BATCH_SIZE``
 (64) · ``HISTO_MAX_LATENCY_MS`` (10000) · ``HISTO_BATCHING`` (1; 0 turns batching off) ·
 ``HISTO_MAX_IMAGES`` (64 per request) · ``HISTO_MAX_BODY_MB`` (32) · ``HISTO_MAX_SLIDE_MB`` (4096) ·
-``HISTO_BODY_TIMEOUT_S`` (30) · ``HISTO_SLIDE_BODY_TIMEOUT_S`` (1800) · ``HISTO_BODY_IDLE_S`` (10) ·
+``HISTO_BODY_TIMEOUT_S`` (30) · ``HISTO_SLIDE_BODY_TIMEOUT_S`` (600) · ``HISTO_BODY_IDLE_S`` (10) ·
 ``HISTO_MAX_CONCURRENCY`` (256; see :mod:`service.request_guard`) · ``HISTO_THREADS`` (0 = all
 cores) · ``HISTO_API_WORKERS`` (auto) · ``HISTO_INFERENCE_WORKERS`` (1) · ``HISTO_CUDA_OPTIONS``
 (onnxruntime CUDA provider options) · ``HISTO_ABSTAIN_THRESHOLD`` / ``HISTO_OOD_THRESHOLD``

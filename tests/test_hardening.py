@@ -266,11 +266,17 @@ def test_exif_orientation_is_applied_before_classification(server):
 
 
 def test_shutdown_does_not_wait_for_stalled_bodies_and_lost_tasks_say_so(server):
-    """Runs last: stops the module's server with stalled uploads open, then starts a new one on the
-    same task database and asks for a task the old one completed."""
+    """Runs last: stops the module's server with stalled uploads open (and some that their clients
+    abandoned: BentoML's timeout middleware kept those waiting for the whole traffic timeout until
+    the guard answered them too), then starts a new one on the same task database and asks for a
+    task the old one completed."""
     url, proc = server["url"], server["proc"]
     stalled = [_stalled_socket(url) for _ in range(20)]
     stalled += [_stalled_socket(url, "/classify_slide/submit") for _ in range(5)]
+    gone = [_stalled_socket(url) for _ in range(10)]  # clients that give up mid-body
+    time.sleep(0.5)
+    for sock in gone:
+        sock.close()
     time.sleep(0.5)
     started = time.monotonic()
     os.killpg(proc.pid, signal.SIGTERM)
@@ -447,3 +453,22 @@ def test_a_folder_reached_twice_through_a_symlink_loop_is_walked_once(slide_pair
         (folder / "loop.svs", False),
     ]
     assert str(plan[1][1]) == f"{folder / 'loop.svs'}: broken or looping symbolic link"
+
+
+def test_cpu_batches_run_in_bounded_runs_with_the_same_answers(monkeypatch):
+    """On the CPU a batch runs in runs of at most HISTO_CPU_RUN_SIZE images, so ONNX Runtime's arena
+    holds one run's buffers, not the largest batch's (benchmarks/cpu_arena.py); answers must not change."""
+    model = ROOT / "models" / "default"
+    monkeypatch.setenv("HISTO_CPU_RUN_SIZE", "4")
+    runs = Runtime(model, device="cpu")
+    monkeypatch.setenv("HISTO_CPU_RUN_SIZE", "64")
+    whole = Runtime(model, device="cpu")
+    assert (runs.cpu_run_size, whole.cpu_run_size, runs.cpu_memory) == (4, 64, "arena")
+    pixels = np.random.default_rng(1).integers(0, 256, (10, runs.input_size, runs.input_size, 3), np.uint8)
+    a, b = runs.predict(pixels), whole.predict(pixels)
+    np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-6)
+    np.testing.assert_allclose(a.embeddings, b.embeddings, atol=1e-5)
+    np.testing.assert_allclose(a.ood_scores, b.ood_scores, rtol=1e-5)
+    monkeypatch.setenv("HISTO_CPU_MEMORY", "pool")
+    with pytest.raises(ValueError, match="HISTO_CPU_MEMORY must be one of"):
+        Runtime(model, device="cpu")
