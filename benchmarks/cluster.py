@@ -206,7 +206,7 @@ def render(r: dict) -> str:
     ]
     one, two = r["ray_one_node"], r["ray_two_nodes"]
     check = r["local_done_check_per_slide_s"]
-    local_check = f"{check} s" if check >= 0.005 else f"nothing measurable ({check} s: noise)"
+    local_check = f"{check} s a slide" if check >= 0.005 else f"nothing measurable ({check} s a slide: noise)"
     lines = [
         "# Slide job: local engine vs Ray (benchmarks/cluster.py)",
         "",
@@ -239,7 +239,7 @@ def render(r: dict) -> str:
         f"Ray's cost per slide: **{one['skipped_slide_round_trip_s']} s** on one node, "
         f"{two['skipped_slide_round_trip_s']} s on two (median round trip of a finished slide as the driver "
         "sees it: hand-out, the worker's lock and done-check, result back); the local job's own done-check "
-        f"costs {local_check} a slide. (The rerun of all slides takes longer than the "
+        f"costs {local_check}. (The rerun of all slides takes longer than the "
         "rerun of one mostly because it starts two workers instead of one.)",
         f"Starting the clusters (`ray start`, once, not part of a job): {one['cluster_start_s']} s for one node, "
         f"{two['cluster_start_s']} s for a head and two workers.",
