@@ -269,6 +269,8 @@ def test_retraining_uses_the_corrections_and_the_changes_page_shows_them(run_dir
         changes = requests.get(f"{url}/api/changes", timeout=10).json()
         _open(browser, f"{url}/changes")
         table = _text(browser, "metrics")
+        loaded = "return [...document.querySelectorAll('#changed img')].slice(0, 12).every(i => i.naturalWidth > 0)"
+        _wait(browser, lambda d: d.execute_script(loaded), "the first changed tiles show")
         _screenshot(browser, "review_changes.png", workdir)
     finally:
         _stop(proc)

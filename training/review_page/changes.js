@@ -37,14 +37,14 @@ async function start() {
     ? `Corrections applied: ${c.relabelled} relabelled, ${c.confirmed} confirmed, ${c.unusable_dropped} unusable tiles dropped.`
     : "The retrained run applied no corrections.";
   $("changed-title").textContent = `Tiles whose prediction changed (${data.changed.length} of ${data.n_compared})`;
-  const cards = data.changed.map((t) => {
+  const cards = data.changed.map((t, index) => {
     const card = document.createElement("div");
     card.className = "card" + (t.decided && t.decided === t.after ? " agrees" : "");
     card.dataset.id = t.id;
     const img = document.createElement("img");
     img.src = `/api/tiles/${t.id}/image`;
     img.alt = "";
-    img.loading = "lazy";
+    img.loading = index < 24 ? "eager" : "lazy"; // the first screenful at once
     const text = document.createElement("div");
     text.textContent =
       `#${t.id + 1}: ${t.before} → ${t.after}; given ${t.given}` + (t.decided ? `, decided ${t.decided}` : "");
