@@ -125,6 +125,9 @@ def measure(args: argparse.Namespace, noise: str, seed: int) -> dict:
 
 
 def mean_std(values: list[float]) -> str:
+    """Percent, mean ± std over seeds; one seed is shown alone (a ± 0.0 would claim a spread never measured)."""
+    if len(values) == 1:
+        return f"{100 * values[0]:.1f}"
     return f"{100 * np.mean(values):.1f} ± {100 * np.std(values):.1f}"
 
 
@@ -137,7 +140,8 @@ def markdown(summary: dict) -> str:
         f"{results[0]['n_labelled']} labelled tiles on the other slides, uniform noise injected into them. "
         f"A simulated careful reviewer decides the top N of `suspects.csv` from the true labels; "
         f"`train.py --corrections` retrains (`--calibration none`: the accuracy is the head's argmax, which no "
-        f"temperature changes). Seeds {summary['seeds']}, mean ± std. Machine: {summary['machine']}; "
+        f"temperature changes). Seeds {summary['seeds']}"
+        f"{', mean ± std' if len(summary['seeds']) > 1 else ''}. Machine: {summary['machine']}; "
         f"{summary['seconds']:.0f} s in all.",
         "",
         "| noise | reviewed | wrong labels among them | fixed | wrong labels left | test accuracy before | after |"
@@ -160,7 +164,14 @@ def markdown(summary: dict) -> str:
                 f"| {mean_std(before)} | {mean_std(after)} "
                 f"| {100 * np.mean(np.subtract(after, before)):+.1f} |"
             )
+    aurocs = ", ".join(
+        f"{noise}: {np.mean([r['suspects_auroc'] for r in results if r['noise'] == noise]):.3f}"
+        for noise in summary["noise"]
+    )
     lines += [
+        "",
+        f"How well `suspects.csv` ranks the flipped labels first (AUROC): {aurocs}. 'random' reviews as many "
+        "tiles drawn at random: what the ranking adds.",
         "",
         "A reviewer who accepts every suggestion of the top N instead (labels only, no retraining):",
         "",
@@ -192,7 +203,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default: train.py's)")
     p.add_argument("--work", type=Path, default=Path("runs/review_benchmark"), help="the runs, kept for reuse")
     p.add_argument("--name", default="review", help="results stem in benchmarks/results")
+    p.add_argument("--markdown-only", action="store_true", help="rewrite NAME.md from NAME.json, measure nothing")
     args = p.parse_args(argv)
+    if args.markdown_only:
+        summary = json.loads((RESULTS / f"{args.name}.json").read_text())
+        write_atomic(RESULTS / f"{args.name}.md", markdown(summary))
+        return summary
     args.fractions = [float(f) for f in args.fractions.split(",") if f]
     args.random_control = {float(f) for f in args.random_control.split(",") if f}
     args.patches = load_patches(args.data, check_images=False)
