@@ -750,9 +750,7 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("RAY_ADDRESS"),
         help="Ray cluster to join (default $RAY_ADDRESS; none: a Ray of this machine's own)",
     )
-    p.add_argument(
-        "--ray-cpus", type=int, default=None, help="CPUs per Ray slide worker (default: CPUs per GPU, or 1)"
-    )
+    p.add_argument("--ray-cpus", type=int, default=None, help="CPUs per Ray slide worker (default: CPUs per GPU, or 1)")
     args = p.parse_args(argv)
     if args.batch_size < 1 or (args.workers is not None and args.workers < 1) or not 0 <= args.min_tissue <= 1:
         p.error("--batch-size and --workers must be >= 1 and --min-tissue within [0, 1]")
