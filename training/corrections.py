@@ -66,7 +66,7 @@ def read_corrections(path: str | Path, classes: Sequence[str] | None = None) -> 
     """
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a spreadsheet may have added a BOM
     except FileNotFoundError:
         raise CorrectionsError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
