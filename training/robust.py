@@ -72,8 +72,36 @@ def nce_rce_loss(logits: torch.Tensor, y: torch.Tensor, alpha: float = 1.0, beta
     return alpha * nce + beta * _rce(logits, y)
 
 
+def corrected_loss(kind: str, transition: np.ndarray) -> LossFn:
+    """Per-sample loss for labels that went through ``transition`` ``T[i, j] = P(given j | true i)``.
+
+    Patrini et al. 2017. ``forward``: CE of ``softmax(z) @ T`` against the given label (the head
+    predicts the clean class; T turns that into the label distribution). ``backward``: the per-class
+    CE vector multiplied by ``T⁻¹`` (unbiased for the clean loss, but unbounded below, and ``T⁻¹``
+    amplifies estimation error where T is ill-conditioned). ``training/transition.py`` estimates T.
+    """
+    t = torch.from_numpy(np.asarray(transition, dtype=np.float32))
+    if kind == "forward":
+
+        def forward(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            p = torch.softmax(logits, 1) @ t
+            return -torch.log(p.gather(1, y[:, None]).squeeze(1).clamp_min(1e-7))
+
+        return forward
+    if kind == "backward":
+        t_inv = torch.linalg.inv(t)
+
+        def backward(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            per_class = -F.log_softmax(logits, 1)  # [N, C]: the CE if the label were each class
+            return (per_class @ t_inv.T).gather(1, y[:, None]).squeeze(1)
+
+        return backward
+    raise ValueError(f"unknown corrected loss {kind!r}; choose forward or backward")
+
+
 LOSSES: dict[str, LossFn] = {"ce": ce_loss, "gce": gce_loss, "sce": sce_loss, "nce_rce": nce_rce_loss}
-METHODS = ("standard", "coteach", "knn_clean")
+CORRECTED_LOSSES = ("forward", "backward")  # need TrainConfig.transition
+METHODS = ("standard", "coteach", "knn_clean", "transition_clean")
 
 
 @dataclass
@@ -97,6 +125,8 @@ class TrainConfig:
     # widths of the embedding's column blocks, one per stacked encoder (FrozenEncoder.feature_groups):
     # with two or more, fit_head fits each block on its own and averages (FeatureGroupEnsemble)
     feature_groups: tuple[int, ...] = ()
+    # T[i][j] = P(given j | true i) for the corrected losses (loss "forward" / "backward")
+    transition: tuple[tuple[float, ...], ...] | None = None
 
     def describe(self) -> str:
         return f"{self.method}+{self.loss}" + (" (slide ensemble)" if self.ensemble == "slides" else "")
@@ -200,11 +230,16 @@ def train_head(
     """
     if config.method not in METHODS:
         raise ValueError(f"unknown method {config.method!r}; choose from {', '.join(METHODS)}")
-    if config.loss not in LOSSES:
-        raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join(LOSSES)}")
+    if config.loss in CORRECTED_LOSSES:
+        if config.transition is None:
+            raise ValueError(f"loss {config.loss!r} needs TrainConfig.transition")
+        loss_fn = corrected_loss(config.loss, np.array(config.transition))
+    elif config.loss in LOSSES:
+        loss_fn = LOSSES[config.loss]
+    else:
+        raise ValueError(f"unknown loss {config.loss!r}; choose from {', '.join([*LOSSES, *CORRECTED_LOSSES])}")
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    loss_fn = LOSSES[config.loss]
     labels = y_train.copy()
     estimated_noise = None
     if config.method in ("knn_clean", "coteach"):
@@ -213,6 +248,10 @@ def train_head(
         if config.method == "knn_clean":
             labels = cleaned
             log.info("kNN cleaning relabelled %.1f%% of training tiles", 100 * estimated_noise)
+    elif config.method == "transition_clean":
+        labels = _transition_clean(x_train, y_train, n_classes, config)
+        estimated_noise = float((labels != y_train).mean())
+        log.info("transition cleaning relabelled %.1f%% of training tiles", 100 * estimated_noise)
 
     xt, yt = torch.from_numpy(x_train).float(), torch.from_numpy(labels).long()
     xv, yv = torch.from_numpy(x_val).float(), torch.from_numpy(y_val).long()
@@ -264,6 +303,14 @@ def train_head(
         model.load_state_dict(best_state)
     model.eval()
     return TrainResult(model, labels, best_epoch, history, estimated_noise)
+
+
+def _transition_clean(x: np.ndarray, y: np.ndarray, n_classes: int, config: TrainConfig) -> np.ndarray:
+    """Labels cleaned by the de-mixed model through ``config.transition`` (estimated here when None)."""
+    from training.transition import transition_clean  # it builds on this module
+
+    transition = None if config.transition is None else np.array(config.transition)
+    return transition_clean(x, y, n_classes, transition, config.knn_k)
 
 
 def slide_groups(slides: list[str] | np.ndarray, max_groups: int) -> list[list[str]]:
@@ -331,6 +378,9 @@ def fit_head(
         cleaned = knn_clean(x_train, y_train, n_classes, config.knn_k, config.clean_margin)
         estimated_noise = float((cleaned != y_train).mean())
         labels = cleaned if config.method == "knn_clean" else y_train
+    elif config.method == "transition_clean":
+        labels = _transition_clean(x_train, y_train, n_classes, config)
+        estimated_noise = float((labels != y_train).mean())
     return TrainResult(
         SlideEnsemble(members).eval(),
         labels,

@@ -71,6 +71,7 @@ from training.robust import ENSEMBLES, LOSSES, METHODS, TrainConfig, cross_slide
 from training.slide_shift import describe as describe_shift
 from training.slide_shift import slide_disagreements
 from training.suspects import contact_sheet, suspect_scores, write_suspects
+from training.transition import candidate_config, estimate_noise, fit_chosen
 
 log = logging.getLogger("histo_robust.train")
 
@@ -140,7 +141,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", help="local weights file for the encoder (safetensors or torch checkpoint)")
     p.add_argument("--head", choices=HEADS, default=defaults.head, help="classification head")
-    p.add_argument("--method", choices=METHODS, default=defaults.method, help="noise-robust method")
+    p.add_argument(
+        "--method",
+        choices=(*METHODS, "auto"),
+        default="auto",
+        help="noise-robust method. auto: fit knn_clean and transition_clean (labels cleaned by the de-mixed "
+        "class model through the estimated noise transition) and keep the one whose cross-slide predictions "
+        "explain the given labels better through that transition (training/transition.py, docs/noise.md); "
+        "the choice, its inputs and its reason go into report.json",
+    )
     p.add_argument("--loss", choices=sorted(LOSSES), default=defaults.loss, help="training loss")
     p.add_argument(
         "--ensemble",
@@ -154,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--inject-noise",
         default=None,
         metavar="KIND:RATE",
-        help="experiments only: flip training labels, e.g. uniform:0.4 or asym:0.4",
+        help="experiments only: flip training labels, e.g. uniform:0.4, asym:0.4 or instance:0.4 (confusable tiles)",
     )
     p.add_argument(
         "--corrections",
@@ -285,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # ---- labels, noise, slide-aware split
     y_given = np.array([classes.index(label) for label in patches.labels])
-    y_noisy = inject(y_given, args.inject_noise, len(classes), args.seed)
+    y_noisy = inject(y_given, args.inject_noise, len(classes), args.seed, embeddings=x_all)
     if corrections is not None:  # after --inject-noise: an experiment corrects the labels it trained on
         y_noisy, kept, corrections_report = corrections.apply(keys, y_noisy, classes)
         skipped, patches = patches.skipped, patches.subset(kept)
@@ -306,15 +315,25 @@ def main(argv: list[str] | None = None) -> dict:
         feature_groups=encoder.feature_groups,
     )
     t = time.perf_counter()
-    result = fit_head(
+    fit_args = (
         x_all[train_idx],
         y_noisy[train_idx],
         [patches.slides[i] for i in train_idx],
         x_all[val_idx],
         y_noisy[val_idx],
         len(classes),
-        config,
     )
+    method_choice = None
+    if args.method in ("auto", "transition_clean"):  # the noise model, from the given labels only
+        noise_model = estimate_noise(x_all, y_noisy, len(classes), args.knn_k)
+        if args.method == "auto":
+            result, config, method_choice = fit_chosen(*fit_args, config, noise_model)
+        else:
+            config = candidate_config("transition_clean", config, noise_model.transition)
+            result = fit_head(*fit_args, config)
+            method_choice = {**noise_model.describe(), "chosen": "transition_clean", "reason": "--method"}
+    else:
+        result = fit_head(*fit_args, config)
     timings["train_head"] = time.perf_counter() - t
     head = result.model
 
@@ -359,6 +378,7 @@ def main(argv: list[str] | None = None) -> dict:
             else None
         ),
         "estimated_noise_rate": result.estimated_noise,
+        "method_choice": method_choice,
         "val": classification_report(y_noisy[val_idx], probs_all[val_idx].argmax(1), classes),
         "confidence": {k: v for k, v in confidence.items() if k not in ("ood", "ood_scorer")},
     }
@@ -650,7 +670,7 @@ def _export(
     card = ModelCard(
         name=args.name or Path(args.out).resolve().name,
         description=f"{encoder.spec.description} + {_heads_description(args.head, report, encoder)}"
-        + f" trained with {args.method}+{args.loss}",
+        + f" trained with {report['config']['method']}+{args.loss}",
         classes=classes,
         input_size=size,
         patch_size_pixels=patch_px,
@@ -664,7 +684,7 @@ def _export(
         ),
         head=HeadInfo(
             kind=args.head,
-            method=f"{args.method}+{args.loss}",
+            method=f"{report['config']['method']}+{args.loss}",
             members=report["ensemble"]["members"] if report["ensemble"] else 1,
             hyperparameters={
                 "epochs_max": args.epochs,
