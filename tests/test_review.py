@@ -202,6 +202,10 @@ def reviewed(run_dir, server, browser, workdir) -> dict:
     Select(browser.find_element(By.ID, "filter-given")).select_by_value(given)
     _wait(browser, lambda d: "this filter" in _text(d, "progress"), "filter applied")
     seen["filtered_given"], seen["filter_label"] = _text(browser, "given"), given
+    position, _, of = _text(browser, "position").partition(" of ")
+    if int(position) < int(of.split()[0]):  # the keys work again straight after a filter is picked
+        _press(browser, Keys.ARROW_RIGHT)
+        _wait(browser, lambda d: _text(d, "position").startswith(f"{int(position) + 1} of"), "moved on in the filter")
     seen["final"] = _corrections(run_dir)
     return seen
 

@@ -203,9 +203,15 @@ async function start() {
   document.title = `Review ${state.run}`;
   for (const id of ["filter-given", "filter-suggested"]) {
     for (const name of state.classes) $(id).append(new Option(name, name));
-    $(id).addEventListener("change", () => run(applyFilters));
+    $(id).addEventListener("change", () => {
+      $(id).blur(); // the keys act on the tiles again at once
+      run(applyFilters);
+    });
   }
-  $("filter-disagree").addEventListener("change", () => run(applyFilters));
+  $("filter-disagree").addEventListener("change", () => {
+    $("filter-disagree").blur();
+    run(applyFilters);
+  });
   $("who").value = localStorage.getItem("histo-review-who") || state.who || "";
   $("who").addEventListener("change", () => localStorage.setItem("histo-review-who", $("who").value.trim()));
   // Enter or Escape in a field hands the keys back to the page
