@@ -222,8 +222,9 @@ class Runtime:
         self.cpu_memory = cpu_memory()
         options.enable_cpu_mem_arena = self.cpu_memory.startswith("arena")
         options.enable_mem_pattern = self.cpu_memory != "no-arena-no-pattern"
-        self._run_options = ort.RunOptions()
+        self._run_options: ort.RunOptions | None = None  # only arena-shrink needs any
         if self.cpu_memory == "arena-shrink":
+            self._run_options = ort.RunOptions()
             self._run_options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
         wanted = choose_providers(device)
         if wanted[0] == "CUDAExecutionProvider":
@@ -277,10 +278,10 @@ class Runtime:
             raise ValueError("expected at least one image, got an empty batch")
         images = np.ascontiguousarray(images)
         if not self.pad_batches and len(images) <= self.cpu_run_size:
-            outputs = self.session.run(self._outputs, {INPUT_NAME: images}, self._run_options)
+            outputs = self._run(self.session, images)
         elif not self.pad_batches:  # see CPU_RUN_SIZE
             runs = [
-                self.session.run(self._outputs, {INPUT_NAME: images[i : i + self.cpu_run_size]}, self._run_options)
+                self._run(self.session, images[i : i + self.cpu_run_size])
                 for i in range(0, len(images), self.cpu_run_size)
             ]
             outputs = [np.concatenate(parts) for parts in zip(*runs, strict=True)]
@@ -290,7 +291,7 @@ class Runtime:
                 chunk = images[start:stop]
                 if size > len(chunk):
                     chunk = np.concatenate([chunk, np.zeros((size - len(chunk), *chunk.shape[1:]), np.uint8)])
-                outs = self._sessions[size].run(self._outputs, {INPUT_NAME: chunk}, self._run_options)
+                outs = self._run(self._sessions[size], chunk)
                 runs.append([out[: stop - start] for out in outs])
             outputs = [np.concatenate(parts) if len(parts) > 1 else parts[0] for parts in zip(*runs, strict=True)]
         results = dict(zip(self._outputs, outputs, strict=True))
@@ -300,6 +301,11 @@ class Runtime:
             embeddings = np.zeros((len(images), 0), np.float32)
         ood = results.get(OOD_OUTPUT)
         return Prediction(probabilities, embeddings, None if ood is None else ood.reshape(-1).astype(np.float32))
+
+    def _run(self, session: ort.InferenceSession, images: np.ndarray) -> list[np.ndarray]:
+        if self._run_options is None:
+            return session.run(self._outputs, {INPUT_NAME: images})
+        return session.run(self._outputs, {INPUT_NAME: images}, self._run_options)
 
     @staticmethod
     def _new_session(path: Path, options: ort.SessionOptions, providers: list[str]) -> ort.InferenceSession:
