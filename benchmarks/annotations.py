@@ -35,6 +35,7 @@ from training.embed import embed_files
 from training.encoders import build_encoder
 from training.noise import annotation_noise
 from training.robust import TrainConfig, fit_head
+from training.transition import estimate_noise, fit_chosen
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -43,10 +44,12 @@ TEST_SLIDES = ["CRC-Prim-HE-07", "CRC-Prim-HE-08"]
 # tissue classes: adipose and empty glass are mostly white and fall outside the slide job's tissue mask
 CLASSES = ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA"]
 _D = TrainConfig()
-# the default (train.py's), the same without its slide ensemble, and the paper's baseline
+# "default" is train.py's --method auto (training/transition.py picks knn_clean or transition_clean);
+# then its knn_clean candidate alone, the same without the slide ensemble, and the paper's baseline
 METHODS = {
-    "default": None,
-    "default, one head": (_D.head, _D.method, _D.loss, "single"),
+    "default": "auto",
+    "knn_clean": (_D.head, _D.method, _D.loss, _D.ensemble),
+    "knn_clean, one head": (_D.head, _D.method, _D.loss, "single"),
     "mlp+ce (paper)": ("mlp", "standard", "ce", "single"),
 }
 
@@ -116,12 +119,17 @@ def run(args) -> dict:
         x, given, truth, slides = tiles_of(train, coarse, folder / f"train_w{width}", encoder, cache)
         noise = float((given != truth).mean())
         tr, va = slide_split(list(slides), given, 0.2, seed=0)
+        noise_model = estimate_noise(x, given, len(CLASSES), _D.knn_k)  # as train.py: all labelled tiles
         for method, spec in METHODS.items():
             for seed in range(args.seeds):
-                config = TrainConfig(seed=seed)
-                if spec is not None:
+                fit_args = (x[tr], given[tr], slides[tr], x[va], given[va], len(CLASSES))
+                chosen = None
+                if spec == "auto":
+                    result, _, decision = fit_chosen(*fit_args, TrainConfig(seed=seed), noise_model)
+                    chosen = decision["chosen"]
+                else:
                     config = TrainConfig(head=spec[0], method=spec[1], loss=spec[2], ensemble=spec[3], seed=seed)
-                result = fit_head(x[tr], given[tr], slides[tr], x[va], given[va], len(CLASSES), config)
+                    result = fit_head(*fit_args, config)
                 with torch.no_grad():
                     pred = result.model(torch.from_numpy(x_test)).argmax(1).numpy()
                 rows.append(
@@ -132,6 +140,7 @@ def run(args) -> dict:
                         "train_tiles": len(given),
                         "noise_rate": noise,
                         "test_accuracy": float((pred == truth_test).mean()),
+                        "chosen": chosen,
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
@@ -154,8 +163,8 @@ def run(args) -> dict:
 
 def table(result: dict) -> str:
     lines = [
-        "| boundary width | training tiles | label noise | " + " | ".join(METHODS) + " |",
-        "|---|---|---|" + "---|" * len(METHODS),
+        "| boundary width | training tiles | label noise | " + " | ".join(METHODS) + " | auto chose |",
+        "|---|---|---|" + "---|" * (len(METHODS) + 1),
     ]
     for width in sorted({r["width_um"] for r in result["runs"]}):
         runs = [r for r in result["runs"] if r["width_um"] == width]
@@ -164,8 +173,11 @@ def table(result: dict) -> str:
             acc = np.array([r["test_accuracy"] for r in runs if r["method"] == method]) * 100
             cells.append(f"{acc.mean():.1f} ± {acc.std():.1f} %")
         first = runs[0]
+        chosen = sorted({r["chosen"] for r in runs if r.get("chosen")})
         lines.append(
-            f"| {width:g} µm | {first['train_tiles']} | {first['noise_rate'] * 100:.1f} % | " + " | ".join(cells) + " |"
+            f"| {width:g} µm | {first['train_tiles']} | {first['noise_rate'] * 100:.1f} % | "
+            + " | ".join(cells)
+            + f" | {', '.join(chosen)} |"
         )
     return "\n".join(lines)
 
