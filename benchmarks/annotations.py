@@ -65,8 +65,13 @@ def build_mosaics(args, folder: Path) -> tuple[list, list]:
     def mosaic(name: str, slides: list[str], seed: int) -> Mosaic:
         path = folder / f"{name}.tif"
         if fresh and path.is_file():
-            return Mosaic(path, mosaic_layout(CLASSES, args.side, args.side, seed=seed, **layout), args.side,
-                          args.side, KATHER_MPP)
+            return Mosaic(
+                path,
+                mosaic_layout(CLASSES, args.side, args.side, seed=seed, **layout),
+                args.side,
+                args.side,
+                KATHER_MPP,
+            )
         return make_mosaic(
             path, kather_tiles(args.data, set(slides)), args.side, args.side, seed=seed, classes=CLASSES, **layout
         )
@@ -111,6 +116,7 @@ def run(args) -> dict:
     x_test, y_test, truth_test, _ = tiles_of(test, lambda m: m.regions, folder / "test", encoder, cache)
     rows = []
     for width in args.widths:
+
         def coarse(m, width=width):  # clipped to the slide, as QuPath clips what is drawn past its edge
             drawn = annotation_noise(m.regions, width, m.mpp, seed=int(m.path.stem.split("_")[1]))
             frame = shapely.box(0, 0, m.width, m.height)

@@ -72,9 +72,7 @@ def mosaic_layout(
     rng = np.random.default_rng(seed)
     tissue = shapely.box(margin, margin, width - margin, height - margin)
     n = len(classes) * regions_per_class
-    points = shapely.MultiPoint(
-        np.c_[rng.uniform(margin, width - margin, n), rng.uniform(margin, height - margin, n)]
-    )
+    points = shapely.MultiPoint(np.c_[rng.uniform(margin, width - margin, n), rng.uniform(margin, height - margin, n)])
     cells = [c.intersection(tissue) for c in shapely.get_parts(shapely.voronoi_polygons(points, extend_to=tissue))]
     owner = rng.permutation(np.arange(n) % len(classes))
     regions: Regions = []
@@ -82,8 +80,10 @@ def mosaic_layout(
         merged = shapely.union_all([cell for cell, o in zip(cells, owner, strict=True) if o == c])
         regions += [(name, part) for part in shapely.get_parts(merged) if part.area > 0]
     for _ in range(islands):
-        centre = shapely.Point(rng.uniform(margin + 2 * island_radius, width - margin - 2 * island_radius),
-                               rng.uniform(margin + 2 * island_radius, height - margin - 2 * island_radius))
+        centre = shapely.Point(
+            rng.uniform(margin + 2 * island_radius, width - margin - 2 * island_radius),
+            rng.uniform(margin + 2 * island_radius, height - margin - 2 * island_radius),
+        )
         host = next((k for k, (_, g) in enumerate(regions) if g.contains(centre)), None)
         if host is None:
             continue
@@ -92,8 +92,9 @@ def mosaic_layout(
         name = other[rng.integers(len(other))]
         regions = [(n_, g.difference(disc)) for n_, g in regions]
         regions.append((name, disc))
-    polygonal = [(name, shapely.union_all([p for p in shapely.get_parts(g) if p.geom_type == "Polygon"]))
-                 for name, g in regions]
+    polygonal = [
+        (name, shapely.union_all([p for p in shapely.get_parts(g) if p.geom_type == "Polygon"])) for name, g in regions
+    ]
     return [(name, g) for name, g in polygonal if not g.is_empty and g.area > 0]
 
 

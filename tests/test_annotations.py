@@ -91,8 +91,11 @@ def test_multipolygon_with_hole_in_bare_array_legacy_form(grid_slide, tmp_path):
     ring = shapely.box(150, 150, 600, 600).difference(shapely.box(300, 300, 450, 450))
     tumour = shapely.MultiPolygon([ring, shapely.box(900, 150, 1050, 300)])
     ann = _annotate(
-        tmp_path / "ann", grid_slide, [("01_TUMOR", tumour), ("02_STROMA", shapely.box(300, 300, 450, 450))],
-        bare_array=True, legacy=True,
+        tmp_path / "ann",
+        grid_slide,
+        [("01_TUMOR", tumour), ("02_STROMA", shapely.box(300, 300, 450, 450))],
+        bare_array=True,
+        legacy=True,
     )
     raw = json.loads((ann / "grid.geojson").read_text())
     assert isinstance(raw, list) and raw[0]["geometry"]["type"] == "MultiPolygon"
@@ -136,13 +139,23 @@ def test_bad_annotations_are_named_before_any_long_work(grid_slide, tmp_path):
     features = json.loads((ann / "grid.geojson").read_text())["features"]
     bowtie = {"type": "Polygon", "coordinates": [[[150, 150], [750, 1050], [750, 150], [150, 1050], [150, 150]]]}
     features += [
-        {"type": "Feature", "geometry": {"type": "Point", "coordinates": [400, 400]},
-         "properties": {"objectType": "annotation", "classification": {"name": "01_TUMOR"}}},
-        {"type": "Feature", "geometry": {"type": "LineString", "coordinates": [[0, 0], [500, 500]]},
-         "properties": {"objectType": "annotation", "classification": {"name": "01_TUMOR"}}},
+        {
+            "type": "Feature",
+            "geometry": {"type": "Point", "coordinates": [400, 400]},
+            "properties": {"objectType": "annotation", "classification": {"name": "01_TUMOR"}},
+        },
+        {
+            "type": "Feature",
+            "geometry": {"type": "LineString", "coordinates": [[0, 0], [500, 500]]},
+            "properties": {"objectType": "annotation", "classification": {"name": "01_TUMOR"}},
+        },
         {"type": "Feature", "id": "no-class", "geometry": bowtie, "properties": {"objectType": "annotation"}},
-        {"type": "Feature", "id": "bowtie", "geometry": bowtie,
-         "properties": {"objectType": "annotation", "classification": {"name": "01_TUMOR"}}},
+        {
+            "type": "Feature",
+            "id": "bowtie",
+            "geometry": bowtie,
+            "properties": {"objectType": "annotation", "classification": {"name": "01_TUMOR"}},
+        },
     ]
     (ann / "grid.geojson").write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     _annotate(ann, slides / "other.tif", [("01_TUMOUR", shapely.box(150, 150, 450, 450))])  # no such slide
@@ -166,8 +179,18 @@ def test_bad_annotations_are_named_before_any_long_work(grid_slide, tmp_path):
         load_slide_patches([str(grid_slide)], wrong, **GEOMETRY)
     cache = tmp_path / "cache"
     with pytest.raises(SystemExit):
-        train.main(["--slides", str(grid_slide), "--annotations", str(wrong), "--out", str(tmp_path / "o"),
-                    "--cache-dir", str(cache)])
+        train.main(
+            [
+                "--slides",
+                str(grid_slide),
+                "--annotations",
+                str(wrong),
+                "--out",
+                str(tmp_path / "o"),
+                "--cache-dir",
+                str(cache),
+            ]
+        )
     assert not cache.exists()  # stopped before cutting or embedding a tile
     (wrong / "grid.geojson").write_text("{not json")
     with pytest.raises(DataError, match="grid.geojson: cannot read as JSON"):
@@ -197,14 +220,45 @@ def trained_on_slides(tmp_path_factory):
     slides.mkdir()
     ann.mkdir()
     for k in range(3):
-        m = make_mosaic(slides / f"train{k}.tif", tiles, 1350, 1350, seed=k, classes=CLASSES,
-                        regions_per_class=1, islands=1, island_radius=110)
+        m = make_mosaic(
+            slides / f"train{k}.tif",
+            tiles,
+            1350,
+            1350,
+            seed=k,
+            classes=CLASSES,
+            regions_per_class=1,
+            islands=1,
+            island_radius=110,
+        )
         write_qupath_geojson(ann / f"train{k}.geojson", annotation_noise(m.regions, 25, m.mpp, seed=k))
-    test = make_mosaic(root / "test.tif", kather_tiles(FIXTURES, TEST_SOURCES), 1350, 1350, seed=7,
-                       classes=CLASSES, regions_per_class=1, islands=0)
+    test = make_mosaic(
+        root / "test.tif",
+        kather_tiles(FIXTURES, TEST_SOURCES),
+        1350,
+        1350,
+        seed=7,
+        classes=CLASSES,
+        regions_per_class=1,
+        islands=0,
+    )
     cache, out = root / "cache", root / "model"
-    args = ["--slides", str(slides), "--annotations", str(ann), "--mpp", "0.495", "--epochs", "15",
-            "--knn-k", "5", "--cache-dir", str(cache), "--export-tiles", str(root / "tiles")]
+    args = [
+        "--slides",
+        str(slides),
+        "--annotations",
+        str(ann),
+        "--mpp",
+        "0.495",
+        "--epochs",
+        "15",
+        "--knn-k",
+        "5",
+        "--cache-dir",
+        str(cache),
+        "--export-tiles",
+        str(root / "tiles"),
+    ]
     report = train.main([*args, "--out", str(out)])
     again = train.main([*args, "--out", str(root / "again"), "--no-export"])
     return out, report, again, test, root
@@ -243,9 +297,7 @@ def test_model_from_annotations_classifies_another_slide_and_predictions_round_t
     shutil.copy(predictions, ann / "test.geojson")
     back, _ = load_slide_patches([str(test.path)], ann, **GEOMETRY)
     features = json.loads(predictions.read_text())["features"]
-    predicted = {
-        tuple(f["geometry"]["coordinates"][0][0]): f["properties"]["classification"]["name"] for f in features
-    }
+    predicted = {tuple(f["geometry"]["coordinates"][0][0]): f["properties"]["classification"]["name"] for f in features}
     assert _labels(back) == {xy: c for xy, c in predicted.items() if c != "OOD"}
     # and the predictions match the tissue the test slide really holds (from other source slides)
     exact, _ = load_slide_patches(
