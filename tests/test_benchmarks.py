@@ -44,7 +44,7 @@ def test_noise_sweep_on_a_tiny_subset(tmp_path):
     assert result["n_test"] == {"CRC-Prim-HE-07": 14}
     assert all(0 <= r["test_accuracy"] <= 1 and r["seconds"] >= 0 for r in result["runs"])
     chosen = [r for r in result["runs"] if r["method"] == noise.DEFAULT]
-    assert len(chosen) == 2 and all(r["chosen"] in ("knn_clean", "transition_clean") for r in chosen)
+    assert len(chosen) == 2 and all(r["chosen"] in ("knn_clean", "forward") for r in chosen)
     # the default's row is its pick's own fit, not a fit of its own
     for r in chosen:
         pick = next(
