@@ -444,6 +444,7 @@ def write_markdown(result: dict, table: list[dict], path: Path) -> None:
     cells = {(r["encoder"], r["method"], r["noise"]): r for r in table}
     rows = list(dict.fromkeys((r["encoder"], r["method"]) for r in table))
     main_enc = rows[0][0]
+    fit_seconds = sum(r["seconds"] for r in result["runs"] if r["method"] != DEFAULT)
 
     def name(method: str) -> str:
         return f"**{method}**" if method == DEFAULT else method
@@ -464,8 +465,9 @@ def write_markdown(result: dict, table: list[dict], path: Path) -> None:
         f"Noise on train + validation labels only; {result['seeds']} seeds (noise draw, split, heads). "
         "**Pooled**: every pair's held-out tiles together, each predicted by the model it was held out from, "
         "one accuracy per seed, then mean ± std over seeds. "
-        f"Default: {result['default']}. Sweep time: {result['sweep_seconds']:.0f} s on {result['machine']} "
-        "(runs already measured are reused from the run cache).",
+        f"Default: {result['default']}. The fits took {fit_seconds:.0f} s "
+        f"in all on {result['machine']} (this invocation: {result['sweep_seconds']:.0f} s; runs already measured "
+        "are reused from the run cache).",
         "",
         "`estimated T`: the anchor-point transition (`training/calibration.py`), from the given labels and "
         "the embeddings only. `true T`: the transition the injected noise made, counted against the clean "
