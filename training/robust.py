@@ -8,7 +8,8 @@ Three families, combinable:
   each train on the small-loss samples picked by the other;
 * **label cleaning** (``--method knn_clean``): relabel each training tile by a vote of its
   nearest neighbours in embedding space (tiles of one tissue cluster together in a good encoder,
-  wrong labels do not);
+  wrong labels do not); ``transition_clean``: by the de-mixed class model of ``training/transition.py``;
+* **noise-transition corrected losses** (``loss="forward"`` / ``"backward"`` with ``transition``);
 
 and early stopping on a validation split whose labels are as noisy as the training labels (the
 only kind in-house data has): for noise that keeps the true class the most frequent label of its

@@ -145,10 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--method",
         choices=(*METHODS, "auto"),
         default="auto",
-        help="noise-robust method. auto: fit knn_clean and transition_clean (labels cleaned by the de-mixed "
-        "class model through the estimated noise transition) and keep the one whose cross-slide predictions "
-        "explain the given labels better through that transition (training/transition.py, docs/noise.md); "
-        "the choice, its inputs and its reason go into report.json",
+        help="noise-robust method. auto: from the noise transition estimated without clean labels, the "
+        "forward-corrected loss where the noise favours particular classes and T is well conditioned, else "
+        "knn_clean (training/transition.py, docs/noise.md); the choice, its inputs and its reason go into "
+        "report.json. transition_clean: labels cleaned by the de-mixed class model through the estimated T",
     )
     p.add_argument("--loss", choices=sorted(LOSSES), default=defaults.loss, help="training loss")
     p.add_argument(
