@@ -13,7 +13,7 @@ import torch
 from training import train
 from training.data import load_patches
 from training.noise import inject, instance_noise
-from training.robust import TrainConfig, train_head
+from training.robust import TrainConfig, corrected_loss, train_head
 from training.transition import (
     choose_method,
     clean_priors,
@@ -119,6 +119,23 @@ def test_forward_corrected_head_recovers_the_clean_decision_where_plain_ce_degra
     )
     with pytest.raises(ValueError, match="needs TrainConfig.transition"):
         train_head(x[fit], y_fit, x[val], y_val, 8, dataclasses.replace(config, loss="forward"))
+
+
+def test_corrected_losses_are_consistent_with_the_clean_loss():
+    """Backward: unbiased (its expectation over labels drawn through T is the clean CE); forward: CE of p @ T."""
+    rng = np.random.default_rng(0)
+    t = np.eye(5) * 0.5 + np.roll(np.eye(5), 1, axis=1) * 0.3 + np.roll(np.eye(5), 2, axis=1) * 0.2
+    logits = torch.from_numpy(rng.normal(size=(6, 5)))
+    backward, forward = corrected_loss("backward", t), corrected_loss("forward", t)
+    clean = torch.nn.functional.cross_entropy(logits.float(), torch.arange(5).repeat(2)[:6], reduction="none")
+    for i in range(6):
+        y = i % 5
+        expected = sum(t[y, j] * backward(logits[i : i + 1].float(), torch.tensor([j])).item() for j in range(5))
+        assert expected == pytest.approx(clean[i].item(), rel=1e-4)
+        p = torch.softmax(logits[i].float(), 0).numpy() @ t
+        assert forward(logits[i : i + 1].float(), torch.tensor([y])).item() == pytest.approx(-np.log(p[y]), rel=1e-4)
+    with pytest.raises(ValueError, match="unknown corrected loss"):
+        corrected_loss("sideways", t)
 
 
 def test_instance_noise_flips_exactly_the_rate_and_prefers_confusable_tiles():
