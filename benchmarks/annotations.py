@@ -44,7 +44,7 @@ TEST_SLIDES = ["CRC-Prim-HE-07", "CRC-Prim-HE-08"]
 # tissue classes: adipose and empty glass are mostly white and fall outside the slide job's tissue mask
 CLASSES = ["01_TUMOR", "02_STROMA", "03_COMPLEX", "04_LYMPHO", "05_DEBRIS", "06_MUCOSA"]
 _D = TrainConfig()
-# "default" is train.py's --method auto (training/transition.py picks knn_clean or transition_clean);
+# "default" is train.py's --method auto (training/transition.py picks knn_clean or forward);
 # then its knn_clean candidate alone, the same without the slide ensemble, and the paper's baseline
 METHODS = {
     "default": "auto",
