@@ -288,7 +288,7 @@ def fit_transition(
         model = fit_demixed_gaussian(x_train, y_train, transition, n_classes)
         cleaned = model.clean_labels(x_train, y_train)
         return TrainResult(model.as_head(), cleaned, 0, [], float((cleaned != y_train).mean()))
-    config = dataclasses.replace(config, method="transition_clean", transition=_as_tuple(transition))
+    config = candidate_config(method, config, transition)
     return fit_head(x_train, y_train, slides_train, x_val, y_val, n_classes, config)
 
 
